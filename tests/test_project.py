@@ -1,0 +1,115 @@
+"""Project-level checks: pins agree, notebooks are stored clean, the book's table of contents
+is complete, and chapters import the library instead of re-defining it."""
+import ast
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "book").glob("*.ipynb"))
+
+
+def _requirement_name(req: str) -> str:
+    return re.split(r"[<>=!~ \[]", req, maxsplit=1)[0].lower()
+
+
+def test_environment_yml_pins_equal_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pyproject = set(project["dependencies"])
+    for extra in ("book", "test"):
+        pyproject |= set(project["optional-dependencies"][extra])
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    conda_pins = {r for r in pip_section if not r.startswith("-")}
+    assert conda_pins == pyproject, (
+        f"only in environment.yml: {sorted(conda_pins - pyproject)}; "
+        f"only in pyproject.toml: {sorted(pyproject - conda_pins)}")
+    python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python"))
+    assert python == "python=3.11" and project["requires-python"] == ">=3.11,<3.12"
+
+
+def test_torch_pins_are_the_machine_ones():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "torch==2.14.1" in deps and "torchvision==0.29.1" in deps
+    book = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["book"]
+    assert "jupyter-book>=1.0.4,<2" in book
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_stored_without_outputs(path):
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        assert "id" in cell, f"{path.name}: a cell has no id"
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None, (
+                f"{path.name} is stored with outputs; strip it (e.g. jupyter nbconvert "
+                f"--clear-output --inplace {path.name})")
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+
+
+def _toc_files(entries):
+    for entry in entries:
+        if "file" in entry:
+            yield entry["file"]
+        for key in ("chapters", "sections", "parts"):
+            yield from _toc_files(entry.get(key, []))
+
+
+def test_toc_lists_every_page_and_every_page_exists():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"], *_toc_files(toc["parts"])]
+    captions = [part["caption"] for part in toc["parts"]]
+    for required in ("Foundations", "Objectives", "Training and evaluation", "DINOv3", "Data", "Scale"):
+        assert required in captions
+    for f in files:
+        assert (ROOT / f).with_suffix(".md").exists() or (ROOT / f).with_suffix(".ipynb").exists(), f
+    pages = {str(p.relative_to(ROOT).with_suffix("")) for p in (ROOT / "book").glob("*") if p.suffix in (".md", ".ipynb")}
+    assert pages == set(files), f"pages not in _toc.yml: {sorted(pages - set(files))}"
+
+
+def test_ci_runs_the_readme_test_command():
+    assert "make test" in (ROOT / ".ci/run").read_text()
+    assert "make test" in (ROOT / "README.md").read_text() and "make book" in (ROOT / "README.md").read_text()
+
+
+def _library_names():
+    names = set()
+    for path in (ROOT / "dinolite").rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                names.add(node.name)
+    return names
+
+
+def _notebook_code(path):
+    nb = json.loads(path.read_text())
+    return [("".join(c["source"])) for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+CHAPTERS = [p for p in NOTEBOOKS if re.match(r"\d\d_", p.name)]
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_chapter_does_not_redefine_library_functions(path):
+    library = _library_names()
+    for source in _notebook_code(path):
+        tree = ast.parse("\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                assert node.name not in library, (
+                    f"{path.name} defines {node.name!r}, which the library already has: import it "
+                    f"(or give a teaching version its own name and compare it with the library's)")
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_chapter_asserts_its_claims_and_imports_dinolite(path):
+    code = "\n".join(_notebook_code(path))
+    if not code:
+        pytest.skip(f"{path.name} is still a stub")
+    assert "import dinolite" in code or "from dinolite" in code
+    assert code.count("assert ") >= 3, f"{path.name}: key claims must be asserted"
+    assert "NBVAL_CHECK_OUTPUT" in code, f"{path.name}: print small deterministic results in a checked cell"
