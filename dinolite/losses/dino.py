@@ -1,5 +1,60 @@
-"""Placeholder: being written."""
+"""The DINO [CLS] loss: cross-entropy between teacher targets and student predictions over crop pairs.
+
+For a student crop s and a teacher crop t (both views of the same images):
+
+    CE(s, t) = mean_b  - sum_k  P_t[b, k] * log_softmax(z_s[b] / 0.1)[k]
+
+Pairs: every local crop against every teacher global crop, and every global crop against every
+*other* teacher global crop (a crop is never matched with its own view). The loss is the average
+over all n_g * (n_g - 1) + n_l * n_g pairs: 2 + 16 = 18 for 2 global and 8 local crops. This equals
+DINOv2's normalisation (2 * global term + local term) / 18 and DINOv3's all-pairs average with the
+diagonal removed.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 
-class DINOLoss:  # noqa: placeholder
-    pass
+class DINOLoss(nn.Module):
+    def __init__(self, student_temp: float = 0.1):
+        super().__init__()
+        if not student_temp > 0:
+            raise ValueError(f"student_temp must be > 0, got {student_temp}")
+        self.student_temp = student_temp
+
+    @staticmethod
+    def num_pairs(n_global: int, n_local: int) -> int:
+        """Number of (student crop, teacher crop) pairs the loss averages over."""
+        return n_global * (n_global - 1) + n_local * n_global
+
+    def forward(self, student_global: torch.Tensor, student_local: torch.Tensor | None,
+                teacher_probs: torch.Tensor) -> torch.Tensor:
+        """student_global [n_g, B, K] logits, student_local [n_l, B, K] logits or None,
+        teacher_probs [n_g, B, K] (centred, sharpened targets) -> fp32 scalar.
+
+        Crop i of student_global and crop i of teacher_probs must be the same view.
+        """
+        if student_global.ndim != 3 or teacher_probs.shape != student_global.shape:
+            raise ValueError("expected student_global and teacher_probs of the same shape [n_global, B, K], got "
+                             f"{tuple(student_global.shape)} and {tuple(teacher_probs.shape)}; "
+                             "reshape flat [n_global * B, K] outputs with .view(n_global, B, K) (crop-major)")
+        n_global, batch, _ = student_global.shape
+        if student_local is not None and (student_local.ndim != 3 or student_local.shape[1:] != student_global.shape[1:]):
+            raise ValueError(f"expected student_local [n_local, {batch}, {student_global.shape[2]}], "
+                             f"got {tuple(student_local.shape)}")
+        n_local = 0 if student_local is None else student_local.shape[0]
+        n_pairs = self.num_pairs(n_global, n_local)
+        if n_pairs == 0:
+            raise ValueError("no crop pairs: DINO needs at least 2 global crops or 1 global and 1 local crop")
+
+        # fp32 even under autocast (which would run the einsums in bf16).
+        with torch.autocast(device_type=student_global.device.type, enabled=False):
+            teacher = teacher_probs.float()
+            global_log_probs = F.log_softmax(student_global.float() / self.student_temp, dim=-1)
+            # cross[t, s] = sum over the batch of sum_k P_t * log p_s, for every (teacher, student) pair.
+            cross = torch.einsum("tbk,sbk->ts", teacher, global_log_probs)
+            total = cross.sum() - cross.diagonal().sum()  # same-view pairs excluded
+            if n_local > 0:
+                local_log_probs = F.log_softmax(student_local.float() / self.student_temp, dim=-1)
+                total = total + torch.einsum("tbk,sbk->", teacher, local_log_probs)
+            return -total / (batch * n_pairs)

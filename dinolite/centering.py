@@ -1,0 +1,139 @@
+"""Turning teacher logits into targets that cannot collapse: EMA centering and Sinkhorn-Knopp.
+
+Both take teacher logits [B, K] and a teacher temperature and return probabilities [B, K].
+
+* `SoftmaxCenter` (DINO, DINOv2 small models): softmax((t - c) / T) with c an exponential moving
+  average of the batch mean of the logits.
+* `sinkhorn_knopp` (DINOv2 ViT-L/g, all of DINOv3): a few Sinkhorn-Knopp iterations that give every
+  prototype the same share of the batch, computed in the log domain so that it stays finite where
+  the official (plain exp) version overflows.
+
+Both are distributed-aware: with an initialised process group every batch statistic is taken over
+the global batch, so N ranks holding B/N rows each give the same result as one rank holding B.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from dinolite import distributed
+
+
+def _all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
+    if distributed.is_enabled():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def _global_logsumexp(x: torch.Tensor, dim) -> torch.Tensor:
+    """log(sum(exp(x))) over `dim` and over all ranks (the reduced dims are kept, size 1)."""
+    shift = _all_reduce_max_(x.amax(dim=dim, keepdim=True))
+    sum_exp = distributed.all_reduce_sum_(torch.exp(x - shift).sum(dim=dim, keepdim=True))
+    return torch.log(sum_exp) + shift
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
+    """Sinkhorn-Knopp teacher targets: teacher_logits [B, K] -> probabilities [B, K] (fp32).
+
+    Same result as the official algorithm (B = global batch, the K x B matrix Q):
+
+        Q = exp(t / T)^T;  Q /= sum(Q)
+        repeat n_iterations: Q /= row sums (per prototype, over all ranks); Q /= K
+                             Q /= column sums (per sample);                Q /= B
+        Q *= B;  return Q^T
+
+    After the last iteration each sample's row sums to exactly 1 (up to rounding) and each
+    prototype has received approximately 1/K of the batch's mass (exactly 1/K only in the
+    limit of many iterations). Every step is done on log Q, so logits / T far above 88 (where
+    exp overflows in fp32) give finite, correct results; wherever the official version is
+    finite the two agree to fp32 rounding.
+    """
+    if teacher_logits.ndim != 2:
+        raise ValueError(f"sinkhorn_knopp expects teacher logits [B, K], got shape {tuple(teacher_logits.shape)}; "
+                         "flatten the crops into the batch dimension first")
+    if not teacher_temp > 0:
+        raise ValueError(f"teacher_temp must be > 0, got {teacher_temp}")
+    if n_iterations < 0 or int(n_iterations) != n_iterations:
+        raise ValueError(f"n_iterations must be a non-negative integer, got {n_iterations}")
+    local_batch, num_prototypes = teacher_logits.shape
+    global_batch = local_batch * distributed.get_world_size()
+    log_q = teacher_logits.float().t() / teacher_temp  # [K, B]
+    log_q = log_q - _global_logsumexp(log_q, dim=(0, 1))  # Q /= sum(Q)
+    for _ in range(int(n_iterations)):
+        # Each prototype (row) gets total mass 1/K ...
+        log_q = log_q - _global_logsumexp(log_q, dim=1) - torch.log(torch.tensor(float(num_prototypes)))
+        # ... then each sample (column) gets total mass 1/B. Columns live on one rank: no reduction.
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - torch.log(torch.tensor(float(global_batch)))
+    # Q *= B: each sample's column now sums to 1.
+    return torch.exp(log_q + torch.log(torch.tensor(float(global_batch)))).t()
+
+
+def _apply_pending_before_saving(module, prefix, keep_vars):
+    module.apply_pending_update()
+
+
+class SoftmaxCenter(nn.Module):
+    """EMA centering of the teacher logits (DINO; DINOv2's default for small models).
+
+        probs = softmax((t - c) / T),   c <- momentum * c + (1 - momentum) * mean_batch(t)
+
+    Call order in a training step, as officially:
+
+        probs = center(teacher_logits, teacher_temp)   # 1. apply any pending update, then centre
+        center.update(teacher_logits)                  # 2. record this batch's mean (pending)
+
+    Lag semantics: `update(t_n)` only records mean(t_n) (all-reduced over ranks; asynchronous when
+    a process group is initialised, as DINOv2 does it). The EMA step with that mean is applied at
+    the start of the next `__call__`, so batch n is centred with
+        c_n = m * c_{n-1} + (1 - m) * mean(t_{n-1}),   c_0 = 0,
+    i.e. with the means of batches 1 .. n-1 and never with its own. `state_dict()` (and
+    `apply_pending_update()`) apply a pending update first, so a checkpoint taken between
+    `update` and the next call already contains it and resuming is exact.
+
+    `center` [1, K] is a persistent buffer (saved in the state dict).
+    """
+
+    def __init__(self, out_dim: int, momentum: float = 0.9):
+        super().__init__()
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        self.out_dim, self.momentum = out_dim, momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self._pending_sum = None  # summed logits [1, K] of the last batch, not yet applied
+        self._pending_count = 0
+        self._pending_work = None  # async all-reduce handle
+        self.register_state_dict_pre_hook(_apply_pending_before_saving)
+
+    def _check(self, teacher_logits: torch.Tensor) -> None:
+        if teacher_logits.ndim != 2 or teacher_logits.shape[1] != self.out_dim:
+            raise ValueError(f"expected teacher logits [B, {self.out_dim}], got shape {tuple(teacher_logits.shape)}")
+
+    @torch.no_grad()
+    def apply_pending_update(self) -> None:
+        """Fold the batch mean recorded by the last `update` into the centre (no-op if none)."""
+        if self._pending_sum is None:
+            return
+        if self._pending_work is not None:
+            self._pending_work.wait()
+        batch_mean = self._pending_sum / self._pending_count
+        self.center.mul_(self.momentum).add_(batch_mean.to(self.center.dtype), alpha=1 - self.momentum)
+        self._pending_sum, self._pending_count, self._pending_work = None, 0, None
+
+    @torch.no_grad()
+    def forward(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """teacher_logits [B, K] -> probabilities softmax((t - c) / T) [B, K] in fp32."""
+        self._check(teacher_logits)
+        if not teacher_temp > 0:
+            raise ValueError(f"teacher_temp must be > 0, got {teacher_temp}")
+        self.apply_pending_update()
+        return torch.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def update(self, teacher_logits: torch.Tensor) -> None:
+        """Record mean(teacher_logits) over the global batch; applied before the next centring."""
+        self._check(teacher_logits)
+        self.apply_pending_update()  # never drop a batch if update is called twice in a row
+        self._pending_sum = teacher_logits.float().sum(dim=0, keepdim=True)
+        self._pending_count = teacher_logits.shape[0] * distributed.get_world_size()
+        if distributed.is_enabled():
+            self._pending_work = dist.all_reduce(self._pending_sum, op=dist.ReduceOp.SUM, async_op=True)

@@ -1,0 +1,149 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from dinolite import schedules
+from dinolite.ema import ema_update_, make_teacher
+
+
+# ---------------------------------------------------------------- schedules
+
+def array_schedule(total, start, end, warmup=0, warmup_start=0.0):
+    """The schedule as an array, built the obvious way: linspace warm-up, then cosine over the rest."""
+    warm = np.linspace(warmup_start, start, warmup)
+    j = np.arange(total - warmup)
+    cos = end + 0.5 * (start - end) * (1 + np.cos(np.pi * j / len(j))) if len(j) else np.array([])
+    return np.concatenate([warm, cos])
+
+
+def test_cosine_hand_values():
+    f = lambda s: schedules.cosine_schedule(s, total_steps=10, start=1.0, end=0.0)
+    assert f(0) == 1.0
+    assert abs(f(2) - 0.5 * (1 + math.cos(0.2 * math.pi))) < 1e-12 and abs(f(2) - 0.9045085) < 1e-7
+    assert abs(f(5) - 0.5) < 1e-12
+    assert f(10) == 0.0 and f(10_000) == 0.0  # after the end: the final value
+
+
+def test_cosine_with_warmup_hand_values():
+    f = lambda s: schedules.cosine_schedule(s, 10, start=1.0, end=0.0, warmup_steps=4, warmup_start=0.0)
+    assert [round(f(s), 6) for s in range(4)] == [0.0, 0.333333, 0.666667, 1.0]  # linspace incl. both ends
+    assert f(4) == 1.0
+    assert abs(f(7) - 0.5) < 1e-12  # j = 3 of 6 cosine steps
+    assert abs(f(9) - 0.5 * (1 - math.sqrt(3) / 2)) < 1e-12  # j = 5: cos(5 pi / 6)
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 7, 20])
+def test_cosine_equals_array_reference(warmup):
+    expected = array_schedule(20, 0.004, 1e-6, warmup, 1e-5)
+    got = [schedules.cosine_schedule(s, 20, 0.004, 1e-6, warmup, 1e-5) for s in range(20)]
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=0)
+
+
+def test_teacher_temperature():
+    f = lambda s: schedules.teacher_temperature(s, warmup_steps=31)
+    assert f(0) == 0.04
+    assert abs(f(15) - 0.055) < 1e-12  # halfway through 31 linspace points
+    assert abs(f(30) - 0.07) < 1e-12 and f(31) == 0.07 and f(10 ** 6) == 0.07
+    assert schedules.linear_warmup_constant(3, 0, 0.04, 0.07) == 0.07
+
+
+def test_dinov2_recipe_values():
+    epoch = 1250
+    total = 100 * epoch
+    v = schedules.dinov2_schedules(0)
+    assert v == pytest.approx(dict(lr=0.0, last_layer_lr=0.0, weight_decay=0.04, teacher_momentum=0.992,
+                                   teacher_temp=0.04), abs=1e-15)
+    half = schedules.dinov2_schedules(total // 2)
+    assert abs(half["weight_decay"] - 0.22) < 1e-12  # 0.4 + 0.5 * (0.04 - 0.4)
+    assert abs(half["teacher_momentum"] - 0.996) < 1e-12
+    assert half["teacher_temp"] == 0.07
+    # Warm-up reaches the peak lr at its last step (10 epochs); lr = 0.004 * sqrt(2048 / 1024) for batch 2048.
+    peak = schedules.dinov2_schedules(10 * epoch - 1, global_batch_size=2048)["lr"]
+    assert abs(peak - 0.004 * math.sqrt(2)) < 1e-15
+    # The last layer is frozen during the first epoch only.
+    assert schedules.dinov2_schedules(epoch - 1)["last_layer_lr"] == 0.0
+    after = schedules.dinov2_schedules(epoch)
+    assert after["last_layer_lr"] == after["lr"] and abs(after["lr"] - 0.004 * epoch / (10 * epoch - 1)) < 1e-15
+    assert schedules.dinov2_schedules(total)["lr"] == 1e-6
+
+
+def test_schedule_errors():
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        schedules.cosine_schedule(-1, 10, 1.0, 0.0)
+    with pytest.raises(ValueError, match="must not exceed total_steps"):
+        schedules.cosine_schedule(0, 10, 1.0, 0.0, warmup_steps=11)
+    with pytest.raises(ValueError, match="total_steps"):
+        schedules.cosine_schedule(0, 0, 1.0, 0.0)
+    with pytest.raises(TypeError, match="integer"):
+        schedules.cosine_schedule(1.5, 10, 1.0, 0.0)
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        schedules.teacher_temperature(-3, 10)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        schedules.scaled_learning_rate(0.004, 0)
+
+
+# ---------------------------------------------------------------- EMA
+
+def small_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3), nn.LayerNorm(3))
+
+
+def test_make_teacher_is_a_frozen_copy():
+    student = small_net()
+    teacher = make_teacher(student)
+    assert teacher is not student and not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in student.parameters())
+    for (n, p), (_, q) in zip(student.named_parameters(), teacher.named_parameters()):
+        assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), n
+    with torch.no_grad():
+        student[0].weight.add_(1.0)
+    assert not torch.equal(student[0].weight, teacher[0].weight)
+
+
+def test_momentum_one_keeps_teacher_and_zero_copies_student():
+    student, teacher = small_net(0), make_teacher(small_net(1))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    ema_update_(teacher, student, 1.0)
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    ema_update_(teacher, student, 0.0)
+    assert all(torch.equal(student.state_dict()[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_ema_equals_loop_reference():
+    student, teacher = small_net(0), make_teacher(small_net(1))
+    expected = {n: 0.7 * t.detach().clone() + 0.3 * s.detach()
+                for (n, t), (_, s) in zip(teacher.named_parameters(), student.named_parameters())}
+    ema_update_(teacher, student, 0.7)
+    for n, p in teacher.named_parameters():
+        torch.testing.assert_close(p, expected[n])
+        assert not p.requires_grad
+
+
+def test_ema_does_not_touch_buffers():
+    student = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    teacher = make_teacher(student)
+    student[1].running_mean.fill_(5.0)
+    ema_update_(teacher, student, 0.5)
+    assert torch.equal(teacher[1].running_mean, torch.zeros(2))
+
+
+def test_ema_errors():
+    student = small_net()
+    with pytest.raises(ValueError, match="same object"):
+        ema_update_(student, student, 0.99)
+    with pytest.raises(ValueError, match="differ"):
+        ema_update_(nn.Sequential(nn.Linear(4, 8)), student, 0.99)
+    wrong_shape = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 5), nn.LayerNorm(5))
+    with pytest.raises(ValueError, match="shape"):
+        ema_update_(wrong_shape, student, 0.99)
+    shared = make_teacher(student)
+    shared[0].weight = student[0].weight
+    with pytest.raises(ValueError, match="shared"):
+        ema_update_(shared, student, 0.99)
+    with pytest.raises(ValueError, match="momentum"):
+        ema_update_(make_teacher(student), student, 1.5)
