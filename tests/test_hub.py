@@ -1,0 +1,203 @@
+"""Tests of dinolite.hub with state dicts written by hand in the official key layout (REFERENCE.md)."""
+import pytest
+import torch
+
+from dinolite import hub
+from dinolite.models import vit_tiny
+
+D, HIDDEN, GRID = 192, 768, 4  # vit_tiny, img_size 56 -> 4 x 4 grid
+
+
+def dinov2_shapes(depth=2, registers=0, ffn="mlp", grid=GRID) -> dict[str, tuple]:
+    """The DINOv2 checkpoint layout, written from REFERENCE.md (independent of dinolite's export)."""
+    shapes = {
+        "cls_token": (1, 1, D),
+        "pos_embed": (1, 1 + grid * grid, D),
+        "mask_token": (1, D),
+        "patch_embed.proj.weight": (D, 3, 14, 14),
+        "patch_embed.proj.bias": (D,),
+        "norm.weight": (D,),
+        "norm.bias": (D,),
+    }
+    if registers:
+        shapes["register_tokens"] = (1, registers, D)
+    for n in range(depth):
+        b = f"blocks.{n}."
+        shapes.update({
+            b + "norm1.weight": (D,), b + "norm1.bias": (D,),
+            b + "attn.qkv.weight": (3 * D, D), b + "attn.qkv.bias": (3 * D,),
+            b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
+            b + "ls1.gamma": (D,),
+            b + "norm2.weight": (D,), b + "norm2.bias": (D,),
+            b + "ls2.gamma": (D,),
+        })
+        if ffn == "mlp":
+            shapes.update({b + "mlp.fc1.weight": (HIDDEN, D), b + "mlp.fc1.bias": (HIDDEN,),
+                           b + "mlp.fc2.weight": (D, HIDDEN), b + "mlp.fc2.bias": (D,)})
+        else:  # fused SwiGLU: hidden = 2/3 * 768 = 512
+            shapes.update({b + "mlp.w12.weight": (2 * 512, D), b + "mlp.w12.bias": (2 * 512,),
+                           b + "mlp.w3.weight": (D, 512), b + "mlp.w3.bias": (D,)})
+    return shapes
+
+
+def random_state_dict(shapes: dict[str, tuple], seed=0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+
+
+def model(**kwargs):
+    return vit_tiny(**{**dict(depth=2, img_size=56, layerscale_init=1.0), **kwargs})
+
+
+@pytest.mark.parametrize("registers, ffn", [(0, "mlp"), (4, "mlp"), (0, "swiglu")])
+def test_load_dinov2_layout_sets_every_tensor(registers, ffn):
+    sd = random_state_dict(dinov2_shapes(registers=registers, ffn=ffn))
+    net = hub.load_official(model(num_register_tokens=registers, ffn=ffn), sd)
+    ours = net.state_dict()
+    assert set(ours) == set(sd)
+    assert all(torch.equal(ours[k], sd[k]) for k in sd)
+    assert torch.equal(net.blocks[1].ls2.gamma, sd["blocks.1.ls2.gamma"])
+    assert torch.isfinite(net.eval()(torch.randn(1, 3, 56, 70))).all()
+
+
+def test_chunked_and_teacher_checkpoints_load():
+    sd = random_state_dict(dinov2_shapes(depth=4))
+    # training layout: 2 chunks, block index kept inside the chunk: blocks.0.0, blocks.0.1, blocks.1.2, blocks.1.3
+    chunked = {}
+    for k, v in sd.items():
+        if k.startswith("blocks."):
+            n = int(k.split(".")[1])
+            k = f"blocks.{n // 2}.{n}." + k.split(".", 2)[2]
+        chunked[k] = v
+    assert "blocks.1.3.attn.qkv.weight" in chunked
+    teacher = {"teacher": {**{"backbone." + k: v for k, v in chunked.items()},
+                           "dino_head.mlp.0.weight": torch.randn(8, D)},
+               "iteration": 10}
+    for checkpoint in (chunked, teacher):
+        net = hub.load_official(model(depth=4), checkpoint)
+        assert torch.equal(net.blocks[3].attn.qkv.weight, sd["blocks.3.attn.qkv.weight"])
+        assert torch.equal(net.blocks[2].mlp.fc2.bias, sd["blocks.2.mlp.fc2.bias"])
+        assert torch.equal(net.pos_embed, sd["pos_embed"])
+
+
+def test_mismatch_lists_every_key_by_name_with_hints():
+    sd = random_state_dict(dinov2_shapes(registers=4, grid=37))
+    del sd["blocks.1.ls1.gamma"], sd["norm.bias"]
+    sd["blocks.0.attn.extra"] = torch.zeros(1)
+    sd["blocks.1.attn.qkv.weight"] = torch.zeros(3 * D, D + 1)
+    target = model()
+    cls_before = target.cls_token.detach().clone()
+    with pytest.raises(ValueError) as err:
+        hub.load_official(target, sd)
+    message = str(err.value)
+    for expected in ["missing key: blocks.1.ls1.gamma", "missing key: norm.bias",
+                     "unexpected key: blocks.0.attn.extra", "unexpected key: register_tokens",
+                     "shape mismatch: pos_embed: checkpoint (1, 1370, 192) vs model (1, 17, 192)",
+                     "shape mismatch: blocks.1.attn.qkv.weight", "img_size=518", "num_register_tokens=4"]:
+        assert expected in message, expected
+    assert torch.equal(target.cls_token, cls_before)  # nothing was loaded
+
+
+def test_mismatch_hints_for_ffn_and_layerscale():
+    sd = random_state_dict(dinov2_shapes(ffn="swiglu"))
+    with pytest.raises(ValueError, match='ffn="swiglu"'):
+        hub.load_official(model(), sd)
+    with pytest.raises(ValueError, match="layerscale_init"):
+        hub.load_official(model(layerscale_init=None), random_state_dict(dinov2_shapes()))
+
+
+def dinov3_shapes(depth=2) -> dict[str, tuple]:
+    """DINOv3 layout (REFERENCE.md): storage tokens, RoPE periods buffer, key-bias mask, w1/w2/w3."""
+    head_dim = D // 3
+    shapes = {"cls_token": (1, 1, D), "storage_tokens": (1, 4, D), "mask_token": (1, D),
+              "rope_embed.periods": (head_dim // 4,), "patch_embed.proj.weight": (D, 3, 16, 16),
+              "patch_embed.proj.bias": (D,), "norm.weight": (D,), "norm.bias": (D,),
+              "local_cls_norm.weight": (D,), "local_cls_norm.bias": (D,)}
+    for n in range(depth):
+        b = f"blocks.{n}."
+        shapes.update({b + "norm1.weight": (D,), b + "norm1.bias": (D,), b + "attn.qkv.weight": (3 * D, D),
+                       b + "attn.qkv.bias": (3 * D,), b + "attn.qkv.bias_mask": (3 * D,),
+                       b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,), b + "ls1.gamma": (D,),
+                       b + "norm2.weight": (D,), b + "norm2.bias": (D,), b + "ls2.gamma": (D,),
+                       b + "mlp.w1.weight": (512, D), b + "mlp.w1.bias": (512,), b + "mlp.w2.weight": (512, D),
+                       b + "mlp.w2.bias": (512,), b + "mlp.w3.weight": (D, 512), b + "mlp.w3.bias": (D,)})
+    return shapes
+
+
+def dinov3_model():
+    return vit_tiny(depth=2, patch_size=16, img_size=64, pos_embed="rope", num_register_tokens=4, ffn="swiglu64",
+                    mask_k_bias=True, untie_global_and_local_cls_norm=True)
+
+
+def test_load_dinov3_layout():
+    sd = random_state_dict(dinov3_shapes())
+    for n in range(2):
+        sd[f"blocks.{n}.attn.qkv.bias_mask"] = torch.cat([torch.ones(D), torch.zeros(D), torch.ones(D)])
+    net = hub.load_official(dinov3_model(), sd)
+    assert torch.equal(net.register_tokens, sd["storage_tokens"])
+    assert torch.equal(net.rope_embed.periods, sd["rope_embed.periods"])
+    assert torch.equal(net.blocks[1].mlp.w2.weight, sd["blocks.1.mlp.w2.weight"])
+    assert torch.equal(net.local_cls_norm.bias, sd["local_cls_norm.bias"])
+    assert set(hub.export_official(net)) == set(sd)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: model(num_register_tokens=4, ffn="swiglu"),
+    dinov3_model,
+])
+def test_export_load_round_trip_is_exact(build):
+    torch.manual_seed(0)
+    source = build()
+    exported = hub.export_official(source)
+    torch.manual_seed(1)
+    target = hub.load_official(build(), exported)
+    again = hub.export_official(target)
+    assert set(again) == set(exported)
+    assert all(torch.equal(again[k], exported[k]) for k in exported)
+
+
+def test_hub_names_and_urls():
+    assert hub.hub_filename("dinov2_vits14") == "dinov2_vits14_pretrain.pth"
+    assert hub.hub_filename("dinov2_vitg14_reg") == "dinov2_vitg14_reg4_pretrain.pth"
+    assert hub.hub_url("dinov2_vitb14_reg") == \
+        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"
+    assert len(hub.HUB_MODELS) == 8
+    with pytest.raises(ValueError, match="dinov2_vits14_reg"):
+        hub.from_pretrained("dinov2_vits16")
+
+
+def test_build_hub_model_architectures():
+    with torch.device("meta"):
+        reg = hub.build_hub_model("dinov2_vits14_reg")
+        base = hub.build_hub_model("dinov2_vitb14")
+    assert reg.num_register_tokens == 4 and reg.interpolate_offset == 0.0 and reg.interpolate_antialias
+    assert tuple(reg.pos_embed.shape) == (1, 1370, 384)
+    assert base.embed_dim == 768 and base.num_register_tokens == 0 and base.interpolate_offset == 0.1
+    assert base.blocks[0].ls1.init_value == 1.0  # hub models were built with LayerScale 1.0
+
+
+def test_from_pretrained_with_a_local_file(tmp_path, monkeypatch):
+    # a file in the official ViT-S/14 layout with random values (no network)
+    shapes = dinov2_shapes(depth=12, grid=37)
+    shapes = {k: tuple(384 if s == D else 1152 if s == 3 * D else 1536 if s == HIDDEN else s for s in v)
+              for k, v in shapes.items()}
+    sd = random_state_dict(shapes)
+    file = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(sd, file)
+    net = hub.from_pretrained("dinov2_vits14", path=file)
+    assert not net.training
+    assert torch.equal(net.blocks[11].mlp.fc1.weight, sd["blocks.11.mlp.fc1.weight"])
+    # the torch.hub cache is used when no path is given
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    file.rename(tmp_path / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth")
+    assert torch.equal(hub.from_pretrained("dinov2_vits14").norm.bias, sd["norm.bias"])
+
+
+def test_from_pretrained_without_file_says_what_to_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(FileNotFoundError) as err:
+        hub.from_pretrained("dinov2_vitl14_reg")
+    message = str(err.value)
+    assert "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth" in message
+    assert str(tmp_path / "checkpoints" / "dinov2_vitl14_reg4_pretrain.pth") in message
