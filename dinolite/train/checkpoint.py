@@ -1,0 +1,67 @@
+"""Atomic training checkpoints: write to a temporary file in the same directory, then rename.
+
+`os.replace` within one directory is atomic on POSIX and Windows, so a crash while saving
+leaves either the previous checkpoint or the new one, never a truncated file. Files are
+named checkpoint_<step>.pth (zero-padded) and only the newest `keep_last` are kept.
+"""
+import os
+import re
+import tempfile
+
+import torch
+
+_NAME = re.compile(r"^checkpoint_(\d+)\.pth$")
+
+
+def checkpoint_path(output_dir: str, step: int) -> str:
+    return os.path.join(output_dir, f"checkpoint_{step:08d}.pth")
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """[(step, path), ...] sorted by step, ignoring temporary and unrelated files."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _NAME.match(name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save `obj` to `path` so that `path` is either the old file or the complete new one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(state: dict, output_dir: str, step: int, keep_last: int = 3) -> str:
+    """Save `state` as checkpoint_<step>.pth atomically, then delete all but the newest `keep_last`."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    os.makedirs(output_dir, exist_ok=True)
+    path = checkpoint_path(output_dir, step)
+    atomic_save(state, path)
+    for _, old in list_checkpoints(output_dir)[:-keep_last]:
+        os.remove(old)
+    return path
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    # weights_only=False: the state holds plain Python containers and numbers we wrote ourselves.
+    return torch.load(path, map_location=map_location, weights_only=False)

@@ -1,0 +1,386 @@
+"""Training configuration: plain nested dataclasses, named recipes, YAML files, CLI overrides.
+
+A `Config` holds every number a run depends on. Build one with
+
+    cfg = get_config("tiny-cpu")                        # a named recipe (see RECIPES)
+    cfg = get_config("my_run.yaml")                     # or a YAML file (same nesting)
+    cfg = apply_overrides(cfg, ["optim.base_lr=0.001", "model.depth=6"])
+
+Overrides use dotted keys and are parsed to the field's type; an unknown key or a value
+that does not parse is a ValueError naming the key (and suggesting close matches).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    """The ViT backbone (arguments of dinolite.models.VisionTransformer)."""
+
+    img_size: int = 224  # size the learned position embedding is built for
+    patch_size: int = 14
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    ffn: str = "mlp"  # "mlp", "swiglu" (DINOv2 layout) or "swiglu64" (DINOv3)
+    ffn_ratio: float = 4.0
+    num_register_tokens: int = 0
+    pos_embed: str = "learned"  # "learned" or "rope"
+    layerscale_init: float = 1e-5  # 0 disables LayerScale
+    drop_path_rate: float = 0.3  # uniform over blocks (DINOv2)
+
+
+@dataclass
+class HeadConfig:
+    """DINO ([CLS]) and iBOT (patch) projection heads."""
+
+    dino_out_dim: int = 65536  # K, number of prototypes
+    ibot_out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    n_layers: int = 3
+    share_heads: bool = False  # True: one head for DINO and iBOT (DINOv2 small configs)
+
+
+@dataclass
+class LossConfig:
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    # DINOv3 Gram anchoring slot: weight 0 in DINOv2 pre-training (not implemented here).
+    gram_weight: float = 0.0
+    centering: str = "sinkhorn_knopp"  # or "softmax_center"
+    center_momentum: float = 0.9  # softmax_center only
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07  # final teacher temperature
+    warmup_teacher_temp: float = 0.04  # start of the linear warm-up
+    warmup_teacher_temp_epochs: float = 30
+
+
+@dataclass
+class CropConfig:
+    """Multi-crop augmentation and iBOT masking."""
+
+    global_size: int = 224
+    local_size: int = 98
+    n_local: int = 8
+    global_scale_min: float = 0.32
+    local_scale_max: float = 0.32
+    local_scale_min: float = 0.05
+    mask_probability: float = 0.5  # fraction of global crops that get a mask
+    mask_ratio_min: float = 0.1
+    mask_ratio_max: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 0.004  # scaled by sqrt(global_batch / 1024)
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    clip_grad: float = 3.0  # 0 disables clipping
+    layerwise_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    freeze_last_layer_epochs: float = 1
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.999
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # images per step on one process (global batch = batch_size * world)
+    epochs: int = 100
+    epoch_length: int = 1250  # steps per "epoch" (DINOv2 uses a fixed 1250); 0: len(dataset) // batch
+    seed: int = 0
+    precision: str = "bf16"  # "bf16" (autocast, losses in fp32) or "fp32"
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    num_workers: int = 8
+    checkpoint_every: int = 1000  # steps; the last step is always saved
+    keep_last: int = 3
+    log_every: int = 10  # steps between metrics.jsonl lines
+    monitor_every: int = 100  # steps between collapse-monitor lines (0: never)
+    knn_every: int = 0  # steps between kNN evaluations (0: only at the end, when labels exist)
+    knn_k: int = 20
+    knn_train_size: int = 0  # 0: the whole dataset; else the first n images
+    knn_test_size: int = 0  # held-out images for kNN (built-in dataset: a different seed)
+    progress: bool = True  # tqdm progress bar
+    tensorboard: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    crops: CropConfig = field(default_factory=CropConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def total_steps(self) -> int:
+        return self.train.epochs * self.train.epoch_length
+
+
+
+
+
+# ---------------------------------------------------------------------------------------
+# Named recipes. Each is a function so every call returns a fresh object.
+
+def _tiny_cpu() -> Config:
+    """A 5-block ViT on 32 px crops of the built-in SyntheticShapes: trains on a CPU in minutes."""
+    return Config(
+        model=ModelConfig(img_size=32, patch_size=8, embed_dim=192, depth=5, num_heads=3,
+                          drop_path_rate=0.0, layerscale_init=1e-5),
+        head=HeadConfig(dino_out_dim=1024, ibot_out_dim=1024, hidden_dim=512, bottleneck_dim=128),
+        loss=LossConfig(warmup_teacher_temp_epochs=2),
+        crops=CropConfig(global_size=32, local_size=16, n_local=4, global_scale_min=0.4,
+                         local_scale_min=0.1, local_scale_max=0.4),
+        optim=OptimConfig(base_lr=0.004, warmup_epochs=1, momentum_teacher=0.99,
+                          freeze_last_layer_epochs=0.5),
+        # bf16 matmuls are emulated (slower than fp32) on CPUs without AVX512-BF16/AMX.
+        train=TrainConfig(batch_size=64, epochs=6, epoch_length=25, precision="fp32",
+                          num_workers=0, checkpoint_every=50, log_every=5, monitor_every=25,
+                          knn_every=50, knn_train_size=1000, knn_test_size=500),
+    )
+
+
+def _vits16_imagenette_1gpu() -> Config:
+    """ViT-S/16 on Imagenette (9.5k images) on one GPU: a realistic single-GPU run."""
+    return Config(
+        model=ModelConfig(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6,
+                          drop_path_rate=0.1),
+        head=HeadConfig(dino_out_dim=16384, ibot_out_dim=16384, share_heads=True),
+        loss=LossConfig(warmup_teacher_temp_epochs=30),
+        crops=CropConfig(global_size=224, local_size=96, n_local=8),
+        optim=OptimConfig(base_lr=0.004, warmup_epochs=10, momentum_teacher=0.996),
+        train=TrainConfig(batch_size=64, epochs=100, epoch_length=0, num_workers=8,
+                          checkpoint_every=1000, knn_every=5000),
+    )
+
+
+def _vitb14_imagenet() -> Config:
+    """DINOv2 ViT-B/14 recipe on ImageNet-1k (global batch 1024 = e.g. 8 GPUs x 128)."""
+    return Config(
+        model=ModelConfig(img_size=224, patch_size=14, embed_dim=768, depth=12, num_heads=12,
+                          drop_path_rate=0.3),
+        head=HeadConfig(dino_out_dim=65536, ibot_out_dim=65536, share_heads=True),
+        train=TrainConfig(batch_size=128, epochs=100, epoch_length=1250),
+    )
+
+
+RECIPES = {
+    "tiny-cpu": _tiny_cpu,
+    "vits16-imagenette-1gpu": _vits16_imagenette_1gpu,
+    "vitb14-imagenet": _vitb14_imagenet,
+}
+
+# ---------------------------------------------------------------------------------------
+# dict <-> dataclass, YAML, overrides
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _all_keys(cls, prefix="") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        ftype = _resolved_type(cls, f.name)
+        if dataclasses.is_dataclass(ftype):
+            keys += _all_keys(ftype, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def valid_keys() -> list[str]:
+    """Every dotted key an override or a YAML file may set."""
+    return _all_keys(Config)
+
+
+def _resolved_type(cls, name):
+    return typing.get_type_hints(cls)[name]
+
+
+def _unknown_key_error(key: str) -> ValueError:
+    keys = valid_keys()
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ValueError(f"unknown config key {key!r}.{hint} Valid keys: {', '.join(keys)}")
+
+
+def _parse_value(key: str, raw, ftype):
+    """Convert `raw` (a string from the command line or a YAML scalar) to `ftype`."""
+    origin = typing.get_origin(ftype)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(ftype) if a is not type(None)]
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null")):
+            return None
+        ftype = args[0]
+    try:
+        if ftype is bool:
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(raw, str) and raw.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if ftype is int:
+            if isinstance(raw, bool):
+                raise ValueError
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError
+            if isinstance(raw, str):
+                value = float(raw) if any(c in raw for c in ".eE") else int(raw)
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                return int(value)
+            return int(raw)
+        if ftype is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if ftype is str:
+            if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+                raise ValueError
+            return str(raw)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"config key {key!r} expects {ftype.__name__}, got {raw!r}"
+        ) from None
+    raise ValueError(f"config key {key!r} has unsupported type {ftype}")
+
+
+def set_value(cfg: Config, key: str, raw) -> None:
+    """Set the dotted `key` of `cfg` in place, parsing `raw` to the field's type."""
+    parts = key.split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            raise _unknown_key_error(key)
+        ftype = _resolved_type(type(node), part)
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(ftype):
+                raise ValueError(f"config key {key!r} is a section; set one of its fields, "
+                                 f"e.g. {key}.{dataclasses.fields(ftype)[0].name}=...")
+            setattr(node, part, _parse_value(key, raw, ftype))
+        else:
+            node = getattr(node, part)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ["section.key=value", ...] to a copy of `cfg` and validate the result."""
+    cfg = config_from_dict(config_to_dict(cfg))
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value (e.g. optim.base_lr=0.001)")
+        key, raw = item.split("=", 1)
+        set_value(cfg, key.strip(), raw.strip())
+    validate(cfg)
+    return cfg
+
+
+def _flatten(d: dict, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, prefix + str(k) + "."))
+        else:
+            out[prefix + str(k)] = v
+    return out
+
+
+def config_from_dict(d: dict) -> Config:
+    """Build a Config from a nested dict (missing keys keep their defaults)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a config must be a mapping of sections, got {type(d).__name__}")
+    cfg = Config()
+    for key, value in _flatten(d).items():
+        set_value(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+
+
+def load_config(path: str) -> Config:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    try:
+        return config_from_dict(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def get_config(name_or_path: str) -> Config:
+    """A named recipe (one of RECIPES) or a YAML file path."""
+    if name_or_path in RECIPES:
+        return RECIPES[name_or_path]()
+    if os.path.isfile(name_or_path):
+        return load_config(name_or_path)
+    close = difflib.get_close_matches(name_or_path, list(RECIPES), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"unknown config {name_or_path!r}: not a recipe name and not a file.{hint} "
+                     f"Recipes: {', '.join(RECIPES)}")
+
+
+def config_diff(a: Config, b: Config) -> dict:
+    """{dotted key: (value in a, value in b)} for every key where the two configs differ."""
+    fa, fb = _flatten(config_to_dict(a)), _flatten(config_to_dict(b))
+    return {k: (fa[k], fb[k]) for k in fa if fa[k] != fb[k]}
+
+
+def validate(cfg: Config) -> None:
+    """Reject values that would silently train something wrong."""
+    def check(ok, key, msg):
+        if not ok:
+            raise ValueError(f"config key {key!r}: {msg}")
+
+    m, c, lo, t, o = cfg.model, cfg.crops, cfg.loss, cfg.train, cfg.optim
+    check(m.embed_dim % m.num_heads == 0, "model.num_heads",
+          f"embed_dim {m.embed_dim} is not divisible by num_heads {m.num_heads}")
+    check(m.ffn in ("mlp", "swiglu", "swiglu64"), "model.ffn", f"must be 'mlp', 'swiglu' or 'swiglu64', got {m.ffn!r}")
+    check(m.pos_embed in ("learned", "rope"), "model.pos_embed",
+          f"must be 'learned' or 'rope', got {m.pos_embed!r}")
+    check(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
+    for key, size in (("crops.global_size", c.global_size), ("crops.local_size", c.local_size)):
+        check(size % m.patch_size == 0, key,
+              f"{size} is not a multiple of model.patch_size={m.patch_size}; use e.g. "
+              f"{max(1, round(size / m.patch_size)) * m.patch_size}")
+    check(c.n_local >= 0, "crops.n_local", "must be >= 0")
+    check(0.0 <= c.mask_probability <= 1.0, "crops.mask_probability", "must be in [0, 1]")
+    check(0.0 <= c.mask_ratio_min <= c.mask_ratio_max <= 1.0, "crops.mask_ratio_max",
+          "need 0 <= mask_ratio_min <= mask_ratio_max <= 1")
+    check(lo.centering in ("sinkhorn_knopp", "softmax_center"), "loss.centering",
+          f"must be 'sinkhorn_knopp' or 'softmax_center', got {lo.centering!r}")
+    check(lo.gram_weight == 0.0, "loss.gram_weight",
+          "Gram anchoring (DINOv3) is not implemented in dinolite.train; keep it 0")
+    check(t.precision in ("bf16", "fp32"), "train.precision", f"must be 'bf16' or 'fp32', got {t.precision!r}")
+    check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device",
+          f"must be 'auto', 'cpu' or 'cuda[:i]', got {t.device!r}")
+    check(t.batch_size >= 2, "train.batch_size", "must be >= 2 (KoLeo needs a neighbour)")
+    check(t.epochs >= 1, "train.epochs", "must be >= 1")
+    check(t.epoch_length >= 0, "train.epoch_length", "must be >= 0 (0: len(dataset) // batch)")
+    check(t.keep_last >= 1, "train.keep_last", "must be >= 1")
+    check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+    check(t.log_every >= 1, "train.log_every", "must be >= 1")
+    check(0.0 < o.layerwise_decay <= 1.0, "optim.layerwise_decay", "must be in (0, 1]")
+    check(0.0 <= o.momentum_teacher <= 1.0, "optim.momentum_teacher", "must be in [0, 1]")
+    check(o.base_lr > 0, "optim.base_lr", "must be > 0")
