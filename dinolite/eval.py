@@ -21,20 +21,19 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 # ---------------------------------------------------------------------------------------------
 # Feature extraction
 # ---------------------------------------------------------------------------------------------
 def image_to_tensor(image, size: int | tuple = 224, patch_size: int | None = None) -> torch.Tensor:
-    """PIL image -> normalised tensor [3, H, W] (ImageNet mean/std), resized to `size`.
+    """PIL image (or [3, H, W] tensor in [0, 1]) -> ImageNet-normalised tensor [3, H, W] of `size`.
 
     size: int (a square) or (H, W). With patch_size, H and W must be multiples of it (a ViT cuts
     the image into whole patches).
     """
     import torchvision.transforms.functional as TF
+
+    from dinolite.data.augment import normalize, to_float_tensor
 
     h, w = (size, size) if isinstance(size, int) else size
     if patch_size is not None and (h % patch_size or w % patch_size):
@@ -42,9 +41,8 @@ def image_to_tensor(image, size: int | tuple = 224, patch_size: int | None = Non
             f"image size {(h, w)} is not a multiple of the patch size {patch_size}; use e.g. "
             f"{(h // patch_size * patch_size, w // patch_size * patch_size)}"
         )
-    x = TF.to_tensor(image.convert("RGB"))
-    x = TF.resize(x, [h, w], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-    return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+    x = TF.resize(to_float_tensor(image), [h, w], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    return normalize(x.clamp(0, 1))
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

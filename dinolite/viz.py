@@ -1,0 +1,312 @@
+"""Look inside a backbone: PCA of patch features, [CLS] attention, high-norm tokens, plot grids.
+
+Computation functions return tensors; plot helpers (matplotlib only) return the Figure, so
+notebooks can show or save them.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# PCA of patch tokens (the DINOv2 visualisation)
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_token_list(patch_tokens) -> tuple[list, bool]:
+    """[n, h, w, D] tensor or list of [h, w, D] -> (list of [h, w, D] float tensors, was_list)."""
+    if isinstance(patch_tokens, torch.Tensor):
+        if patch_tokens.ndim != 4:
+            raise ValueError(
+                f"patch_tokens must be [n_images, h, w, D] (patch tokens only, on their grid), got shape "
+                f"{tuple(patch_tokens.shape)}; reshape x_norm_patchtokens [n, h*w, D] to [n, h, w, D]"
+            )
+        return [t for t in patch_tokens.detach().float().cpu()], False
+    tokens = [torch.as_tensor(t).detach().float().cpu() for t in patch_tokens]
+    if not tokens or any(t.ndim != 3 for t in tokens):
+        raise ValueError("a list of patch tokens must hold [h, w, D] tensors (one per image)")
+    if len({t.shape[-1] for t in tokens}) != 1:
+        raise ValueError("all images must have the same feature dimension D")
+    return tokens, True
+
+
+def _restore(values: torch.Tensor, grids, was_list):
+    """Flat per-token rows [M, C] -> list of [h, w, C] (or a stacked tensor when the input was one)."""
+    parts = list(values.split([h * w for h, w in grids]))
+    parts = [p.reshape(h, w, -1) for p, (h, w) in zip(parts, grids)]
+    return parts if was_list else torch.stack(parts)
+
+
+def pca_fit(x: torch.Tensor, n_components: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Principal directions of rows x [M, D] -> (mean [D], components [n_components, D]).
+
+    Signs are made deterministic: each component's largest-magnitude loading is positive.
+    """
+    if x.shape[0] < 2:
+        raise ValueError("PCA needs at least 2 tokens")
+    if not 1 <= n_components <= min(x.shape):
+        raise ValueError(f"n_components must be between 1 and {min(x.shape)}, got {n_components}")
+    mean = x.mean(0)
+    _, _, vh = torch.linalg.svd((x - mean).double(), full_matrices=False)
+    components = vh[:n_components]
+    signs = torch.sign(components.gather(1, components.abs().argmax(1, keepdim=True)))
+    return mean.float(), (components * signs).float()
+
+
+def _minmax(x: torch.Tensor) -> torch.Tensor:
+    """Per column to [0, 1]."""
+    low, high = x.min(0).values, x.max(0).values
+    return (x - low) / (high - low).clamp_min(1e-12)
+
+
+def pca_foreground(patch_tokens, threshold: float = 0.5):
+    """Foreground masks from the first principal component of the patch tokens.
+
+    patch_tokens: [n, h, w, D] or a list of [h, w, D] (patch tokens only: no [CLS] or register
+    tokens). The first component is fitted jointly over all images and scaled to [0, 1]; its sign
+    is chosen so that patches on the image borders (usually background) score lower than the
+    rest. Foreground = score > threshold. Returns bool masks [n, h, w] (or a list of [h, w]).
+    """
+    tokens, was_list = _as_token_list(patch_tokens)
+    grids = [t.shape[:2] for t in tokens]
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in tokens])
+    mean, components = pca_fit(x, 1)
+    score = _minmax((x - mean) @ components.T)[:, 0]
+    border = torch.cat([_border_mask(h, w).flatten() for h, w in grids])
+    if not border.all() and score[border].mean() > score[~border].mean():
+        score = 1 - score
+    masks = _restore((score > threshold)[:, None], grids, was_list)
+    return [m[..., 0] for m in masks] if was_list else masks[..., 0]
+
+
+def _border_mask(h: int, w: int) -> torch.Tensor:
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    mask[0], mask[-1], mask[:, 0], mask[:, -1] = True, True, True, True
+    return mask
+
+
+def pca_rgb(patch_tokens, n_components: int = 3, foreground_threshold: float | None = None):
+    """Map patch tokens to colours with a PCA fitted jointly over all images.
+
+    patch_tokens: [n, h, w, D] or a list of [h, w, D] (grids may differ): PATCH tokens only,
+    e.g. extract_features(..., patch_tokens=True)["patch"] or
+    forward_features(x)["x_norm_patchtokens"].reshape(n, h, w, D). Never include the [CLS] or
+    register tokens (they are not on the grid and would distort the PCA).
+    The first n_components (<= 3) principal components are scaled to [0, 1] jointly across all
+    images (so equal colours mean similar features in different images) and used as RGB
+    channels (missing channels are 0).
+    foreground_threshold: as in DINOv2's figures, first separate foreground with the first
+    component (see pca_foreground), then fit the colour PCA on foreground patches only;
+    background patches are black.
+    Returns [n, h, w, 3] in [0, 1] (or a list of [h, w, 3]).
+    """
+    if not 1 <= n_components <= 3:
+        raise ValueError(f"n_components must be 1, 2 or 3 (RGB channels), got {n_components}")
+    tokens, was_list = _as_token_list(patch_tokens)
+    grids = [t.shape[:2] for t in tokens]
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in tokens])
+    if foreground_threshold is None:
+        keep = torch.ones(x.shape[0], dtype=torch.bool)
+    else:
+        masks = pca_foreground(tokens, foreground_threshold)
+        keep = torch.cat([m.flatten() for m in masks])
+        if keep.sum() <= n_components:
+            raise ValueError(f"only {int(keep.sum())} foreground patches at threshold {foreground_threshold}; lower it")
+    mean, components = pca_fit(x[keep], n_components)
+    rgb = torch.zeros(x.shape[0], 3)
+    rgb[keep, :n_components] = _minmax((x[keep] - mean) @ components.T)
+    return _restore(rgb, grids, was_list)
+
+
+# ---------------------------------------------------------------------------------------------
+# [CLS] attention and token norms
+# ---------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def cls_attention_maps(model, images: torch.Tensor) -> torch.Tensor:
+    """Attention of the [CLS] query to every patch, per head, in the last block.
+
+    images [B, 3, H, W] -> [B, num_heads, h, w] (h = H / patch_size). Taken from
+    model.get_last_self_attention (rows over all 1 + R + N keys sum to 1); the register keys and
+    the [CLS] key itself are dropped, so a map sums to at most 1.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+    p = model.patch_size
+    h, w = images.shape[-2] // p, images.shape[-1] // p
+    attention = model.get_last_self_attention(images)
+    prefix = 1 + model.num_register_tokens
+    return attention[:, :, 0, prefix:].float().reshape(images.shape[0], -1, h, w)
+
+
+def upsample_maps(maps: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:
+    """Patch-grid maps [..., h, w] -> [..., H, W] (to draw over the image)."""
+    lead = maps.shape[:-2]
+    flat = maps.reshape(-1, 1, *maps.shape[-2:]).float()
+    align = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    return F.interpolate(flat, size=tuple(size), mode=mode, **align).reshape(*lead, *size)
+
+
+@torch.inference_mode()
+def patch_token_norms(model, images: torch.Tensor, prenorm: bool = True) -> torch.Tensor:
+    """L2 norms of the output patch tokens, [B, h, w].
+
+    prenorm=True uses the residual stream before the final LayerNorm (x_prenorm), where the
+    high-norm "artifact" tokens of the registers paper stand out most; False uses
+    x_norm_patchtokens.
+    """
+    out = model.forward_features(images)
+    p = model.patch_size
+    h, w = images.shape[-2] // p, images.shape[-1] // p
+    tokens = out["x_prenorm"][:, 1 + model.num_register_tokens :] if prenorm else out["x_norm_patchtokens"]
+    return tokens.float().norm(dim=-1).reshape(images.shape[0], h, w)
+
+
+def high_norm_threshold(norms: torch.Tensor, factor: float = 2.0) -> float:
+    """factor x the median token norm: normal tokens sit near the median, artifacts far above."""
+    return factor * torch.as_tensor(norms).float().median().item()
+
+
+def high_norm_tokens(norms: torch.Tensor, factor: float = 2.0) -> torch.Tensor:
+    """Bool mask (same shape as norms) of tokens whose norm exceeds factor x median.
+
+    The median is robust: a few percent of huge outliers barely move it (a mean or a
+    mean + k std threshold is dragged up by the very outliers it should find).
+    """
+    norms = torch.as_tensor(norms).float()
+    return norms > high_norm_threshold(norms, factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot helpers (each returns a matplotlib Figure)
+# ---------------------------------------------------------------------------------------------
+def to_display(image) -> np.ndarray:
+    """PIL image, [3, H, W] tensor (ImageNet-normalised or in [0, 1]) or HxWx3 array -> HxWx3 floats in [0, 1]."""
+    if isinstance(image, torch.Tensor):
+        x = image.detach().float().cpu()
+        if x.ndim != 3 or x.shape[0] != 3:
+            raise ValueError(f"image tensors must be [3, H, W], got {tuple(x.shape)}")
+        if x.min() < 0 or x.max() > 1:  # ImageNet-normalised
+            from dinolite.data.augment import denormalize
+
+            x = denormalize(x)
+        return x.permute(1, 2, 0).numpy()
+    array = np.asarray(image)
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / 255
+    return np.clip(array, 0, 1)
+
+
+def _grid(n: int, ncols: int | None, size: float = 2.0, titles: bool = True):
+    import matplotlib.pyplot as plt
+
+    ncols = min(n, ncols or 6)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.3 if titles else 0)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, axes.flat
+
+
+def plot_image_grid(images, titles=None, masks=None, ncols: int | None = None, mask_alpha: float = 0.5, size: float = 2.0):
+    """Images (and optional class masks [H, W] drawn on top) in a grid -> Figure."""
+    fig, axes = _grid(len(images), ncols, size)
+    for i, (ax, image) in enumerate(zip(axes, images)):
+        ax.imshow(to_display(image))
+        if masks is not None:
+            mask = np.asarray(torch.as_tensor(masks[i]).cpu(), dtype=float)
+            ax.imshow(np.ma.masked_where(mask == 0, mask), cmap="tab20", alpha=mask_alpha, vmin=0, vmax=20, interpolation="nearest")
+        if titles is not None:
+            ax.set_title(str(titles[i]), fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_pca(images, rgb, ncols: int | None = None, size: float = 2.0):
+    """Each image above its PCA colour map (rgb from pca_rgb, shown at the image size) -> Figure."""
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(size * n, 2 * size), squeeze=False)
+    for i in range(n):
+        picture = to_display(images[i])
+        colours = torch.as_tensor(rgb[i]).float().permute(2, 0, 1)
+        colours = upsample_maps(colours, picture.shape[:2], mode="nearest").permute(1, 2, 0).numpy()
+        axes[0, i].imshow(picture)
+        axes[1, i].imshow(colours)
+        for ax in axes[:, i]:
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_attention_maps(image, maps: torch.Tensor, size: float = 2.0, alpha: float = 0.6):
+    """One image and its per-head [CLS] attention maps [heads, h, w], upsampled over it -> Figure."""
+    import matplotlib.pyplot as plt
+
+    picture = to_display(image)
+    heads = maps.shape[0]
+    fig, axes = plt.subplots(1, heads + 1, figsize=(size * (heads + 1), size + 0.3), squeeze=False)
+    axes = axes[0]
+    axes[0].imshow(picture)
+    axes[0].set_title("image", fontsize=8)
+    upsampled = upsample_maps(maps, picture.shape[:2])
+    for head in range(heads):
+        ax = axes[head + 1]
+        ax.imshow(picture)
+        ax.imshow(upsampled[head].numpy(), cmap="inferno", alpha=alpha)
+        ax.set_title(f"head {head}", fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_norm_histograms(norms: dict, factor: float = 2.0, bins: int = 50, size: float = 3.0):
+    """Histogram of token norms per model ({"name": norms}), with the factor x median threshold -> Figure."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(norms), figsize=(size * 1.4 * len(norms), size), squeeze=False)
+    for ax, (name, values) in zip(axes[0], norms.items()):
+        values = torch.as_tensor(values).float().flatten()
+        threshold = high_norm_threshold(values, factor)
+        outliers = int((values > threshold).sum())
+        ax.hist(values.numpy(), bins=bins, color="tab:blue")
+        ax.axvline(threshold, color="tab:red", linestyle="--", label=f"{factor:g} x median")
+        ax.set_yscale("log")
+        ax.set_xlabel("patch token norm")
+        ax.set_title(f"{name}: {outliers}/{values.numel()} high-norm", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_retrieval(query_images, database_images, indices, scores=None, query_labels=None, database_labels=None, size: float = 1.6):
+    """One row per query: the query, then its neighbours (indices [Q, k] into database_images) -> Figure.
+
+    With labels, neighbours of the query's class get a green frame, others red.
+    """
+    import matplotlib.pyplot as plt
+
+    indices = torch.as_tensor(indices)
+    Q, k = indices.shape
+    fig, axes = plt.subplots(Q, k + 1, figsize=(size * (k + 1), size * Q + 0.3), squeeze=False)
+    for q in range(Q):
+        axes[q, 0].imshow(to_display(query_images[q]))
+        axes[q, 0].set_title("query", fontsize=8)
+        for j in range(k):
+            ax = axes[q, j + 1]
+            index = int(indices[q, j])
+            ax.imshow(to_display(database_images[index]))
+            if scores is not None:
+                ax.set_title(f"{float(scores[q, j]):.2f}", fontsize=8)
+            if query_labels is not None and database_labels is not None:
+                colour = "tab:green" if int(database_labels[index]) == int(query_labels[q]) else "tab:red"
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(colour)
+                    spine.set_linewidth(3)
+        for ax in axes[q]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    return fig
