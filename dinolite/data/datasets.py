@@ -1,0 +1,440 @@
+"""Datasets: any image folder, torchvision datasets already on disk, and SyntheticShapes,
+a built-in labelled dataset with segmentation masks that needs no download.
+
+Every dataset returns (image, label) with image a PIL RGB image (or ``transform(image)``)
+and label an int (-1 when unknown). ``build_dataset(spec)`` parses the CLI ``--data`` string;
+``make_loader`` builds a seeded DataLoader.
+"""
+import os
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dinolite import distributed
+from dinolite.data.augment import to_rgb
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _describe_paths(paths, limit=10) -> str:
+    shown = ", ".join(str(p) for p in paths[:limit])
+    return shown + (f", ... ({len(paths) - limit} more)" if len(paths) > limit else "")
+
+
+# --------------------------------------------------------------------------------------
+# Folder of images
+# --------------------------------------------------------------------------------------
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Every image under `root` (recursive; extensions IMAGE_EXTENSIONS, any case).
+
+    Labels: if images live in first-level subfolders, each subfolder is a class (sorted
+    names -> 0, 1, ...); images directly under root get label -1 (unlabelled).
+    Files PIL cannot open are skipped when indexing (one warning names them, see
+    ``.skipped``); a file that still fails when decoded (e.g. truncated) is warned about
+    once and replaced by the next readable image, so training never crashes on it.
+    verify=True also runs PIL's cheap ``verify()`` on every file while indexing.
+    """
+
+    def __init__(self, root, transform=None, verify: bool = True):
+        self.root = Path(root).expanduser()
+        if not self.root.exists():
+            raise FileNotFoundError(f"image folder {self.root} does not exist; expected a directory of images "
+                                    f"({', '.join(IMAGE_EXTENSIONS)}), optionally in one subfolder per class")
+        if not self.root.is_dir():
+            raise NotADirectoryError(f"{self.root} is a file; expected a directory of images")
+        self.transform = transform
+        candidates = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not candidates:
+            raise ValueError(f"no images found under {self.root}; expected files ending in "
+                             f"{', '.join(IMAGE_EXTENSIONS)} (searched recursively)")
+        self.skipped = []
+        readable = []
+        for path in candidates:
+            try:
+                with Image.open(path) as image:
+                    if verify:
+                        image.verify()
+                readable.append(path)
+            except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+                self.skipped.append(path)
+        if self.skipped:
+            warnings.warn(f"ImageFolderDataset: skipped {len(self.skipped)} unreadable file(s) under {self.root}: "
+                          f"{_describe_paths(self.skipped)}", stacklevel=2)
+        if not readable:
+            raise ValueError(f"none of the {len(candidates)} image files under {self.root} could be read")
+        class_of = [p.relative_to(self.root).parts[0] if len(p.relative_to(self.root).parts) > 1 else None
+                    for p in readable]
+        self.classes = sorted({c for c in class_of if c is not None})
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.samples = [(p, index[c] if c is not None else -1) for p, c in zip(readable, class_of)]
+        self._failed = set()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _load(self, path):
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(image)
+
+    def __getitem__(self, i):
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(i + offset) % len(self.samples)]
+            if path in self._failed:
+                continue
+            try:
+                image = self._load(path)
+            except Exception as error:
+                self._failed.add(path)
+                warnings.warn(f"ImageFolderDataset: cannot decode {path} ({error}); using the next image instead")
+                continue
+            return (self.transform(image) if self.transform is not None else image), label
+        raise RuntimeError(f"no image under {self.root} could be decoded")
+
+
+# --------------------------------------------------------------------------------------
+# torchvision datasets (already downloaded)
+# --------------------------------------------------------------------------------------
+
+_DOWNLOAD_HINTS = {
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                "torchvision.datasets.CIFAR10('{root}', download=True)"),
+    "stl10": ("http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
+              "torchvision.datasets.STL10('{root}', split='train+unlabeled', download=True)"),
+    "imagenette": ("https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz (or imagenette2-320.tgz, imagenette2.tgz)",
+                   "torchvision.datasets.Imagenette('{root}', size='160px', download=True)"),
+}
+
+
+def _missing(name, root, error):
+    url, call = _DOWNLOAD_HINTS[name]
+    return FileNotFoundError(
+        f"{name} not found under {root} ({error}). dinolite never downloads data itself; get it with\n"
+        f"  python -c \"import torchvision; {call.format(root=root)}\"\n"
+        f"or download and extract {url} into {root}."
+    )
+
+
+class TorchvisionDataset(torch.utils.data.Dataset):
+    """Wrap a torchvision dataset so items are (PIL RGB or transform(image), int label)."""
+
+    def __init__(self, base, classes, transform=None):
+        self.base, self.classes, self.transform = base, list(classes), transform
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        image, label = self.base[i]
+        image = to_rgb(image)
+        return (self.transform(image) if self.transform is not None else image), int(label)
+
+
+def cifar10(root, train: bool = True, transform=None) -> TorchvisionDataset:
+    """CIFAR-10 (32 px, 10 classes) from root (the folder holding cifar-10-batches-py)."""
+    import torchvision
+
+    try:
+        base = torchvision.datasets.CIFAR10(str(root), train=train, download=False)
+    except RuntimeError as error:
+        raise _missing("cifar10", root, error) from None
+    return TorchvisionDataset(base, base.classes, transform)
+
+
+def stl10(root, split: str = "train+unlabeled", transform=None) -> TorchvisionDataset:
+    """STL-10 (96 px) from root (the folder holding stl10_binary); unlabeled images get label -1."""
+    import torchvision
+
+    try:
+        base = torchvision.datasets.STL10(str(root), split=split, download=False)
+    except RuntimeError as error:
+        raise _missing("stl10", root, error) from None
+    return TorchvisionDataset(base, base.classes, transform)
+
+
+def imagenette(root, split: str = "train", size: str | None = None, transform=None) -> TorchvisionDataset:
+    """Imagenette (10 ImageNet classes) from root; size "full", "320px" or "160px" (None: the first found)."""
+    import torchvision
+
+    sizes = [size] if size is not None else ["160px", "320px", "full"]
+    errors = []
+    for s in sizes:
+        try:
+            base = torchvision.datasets.Imagenette(str(root), split=split, size=s, download=False)
+        except RuntimeError as error:
+            errors.append(f"{s}: {error}")
+            continue
+        classes = [names[0] for names in base.classes]
+        return TorchvisionDataset(base, classes, transform)
+    raise _missing("imagenette", root, "; ".join(errors))
+
+
+# --------------------------------------------------------------------------------------
+# SyntheticShapes
+# --------------------------------------------------------------------------------------
+
+SHAPE_CLASSES = ("circle", "square", "triangle", "star", "cross", "ring",
+                 "ellipse", "hexagon", "heart", "arrow", "crescent", "L-shape")
+
+
+def _regular_polygon(x, y, n):
+    """Inside a regular n-gon with circumradius 1 (a vertex on +x)."""
+    normals = (np.arange(n) + 0.5) * (2 * np.pi / n)
+    inside = np.ones(x.shape, dtype=bool)
+    for angle in normals:
+        inside &= x * np.cos(angle) + y * np.sin(angle) <= np.cos(np.pi / n)
+    return inside
+
+
+def _star(x, y, points=5, inner=0.42):
+    """Inside a star with outer radius 1 and straight edges."""
+    sector = 2 * np.pi / points
+    phi = np.arctan2(y, x)
+    alpha = np.abs(np.mod(phi + sector / 2, sector) - sector / 2)  # angle to the nearest tip, in [0, sector/2]
+    tip = np.array([1.0, 0.0])
+    valley = inner * np.array([np.cos(sector / 2), np.sin(sector / 2)])
+    normal = np.array([valley[1] - tip[1], tip[0] - valley[0]])  # edge tip -> valley rotated by 90 degrees
+    edge_radius = (normal @ tip) / (normal[0] * np.cos(alpha) + normal[1] * np.sin(alpha))
+    return np.hypot(x, y) <= edge_radius
+
+
+def _shape_mask(label, x, y):
+    """Silhouette of class `label` on the shape's own coordinates (about [-1, 1]^2)."""
+    r2 = x * x + y * y
+    name = SHAPE_CLASSES[label]
+    if name == "circle":
+        return r2 <= 0.85**2
+    if name == "square":
+        return np.maximum(np.abs(x), np.abs(y)) <= 0.7
+    if name == "triangle":
+        return _regular_polygon(x, y + 0.1, 3)
+    if name == "star":
+        return _star(x, y)
+    if name == "cross":
+        return ((np.abs(x) <= 0.27) & (np.abs(y) <= 0.9)) | ((np.abs(y) <= 0.27) & (np.abs(x) <= 0.9))
+    if name == "ring":
+        return (r2 <= 0.9**2) & (r2 >= 0.55**2)
+    if name == "ellipse":
+        return (x / 0.95) ** 2 + (y / 0.5) ** 2 <= 1
+    if name == "hexagon":
+        return _regular_polygon(x, y, 6) & (r2 <= 0.9**2 * 2)
+    if name == "heart":
+        u, v = x * 1.15, -y * 1.15 + 0.15
+        return (u * u + v * v - 1) ** 3 - u * u * v**3 <= 0
+    if name == "arrow":
+        shaft = (np.abs(y) <= 0.17) & (x >= -0.9) & (x <= 0.15)
+        head = (x >= 0.1) & (x <= 0.9) & (np.abs(y) <= 0.65 * (0.9 - x) / 0.8)
+        return shaft | head
+    if name == "crescent":
+        return (r2 <= 0.85**2) & ((x - 0.4) ** 2 + y * y >= 0.7**2)
+    if name == "L-shape":
+        return ((x >= -0.6) & (x <= -0.15) & (np.abs(y) <= 0.85)) | ((x >= -0.6) & (x <= 0.6) & (y >= 0.4) & (y <= 0.85))
+    raise AssertionError(name)
+
+
+def _texture(rng, xx, yy, size):
+    """A random texture field in [0, 1] over the pixel grid: stripes, checker or smooth noise."""
+    kind = rng.integers(3)
+    angle = rng.uniform(0, np.pi)
+    period = rng.uniform(0.08, 0.25) * size
+    c, s = np.float32(np.cos(angle) / period), np.float32(np.sin(angle) / period)
+    u = xx * c + yy * s
+    if kind == 0:
+        return (np.sin(2 * np.pi * u) > 0).astype(np.float32)
+    if kind == 1:
+        v = yy * c - xx * s
+        return ((np.floor(u) + np.floor(v)) % 2).astype(np.float32)
+    field = np.zeros(xx.shape, dtype=np.float32)
+    for _ in range(3):
+        f = (rng.uniform(1, 4, size=2) * 2 * np.pi / size).astype(np.float32)
+        field += np.sin(f[0] * xx + f[1] * yy + np.float32(rng.uniform(0, 2 * np.pi)))
+    return (field / 6 + 0.5).astype(np.float32)
+
+
+class SyntheticShapes(torch.utils.data.Dataset):
+    """Built-in labelled images with segmentation masks, generated on the fly (no download).
+
+    Item i depends only on (seed, i): one shape of class i % 12 (SHAPE_CLASSES; classes are
+    exactly balanced) with a random colour and texture (solid, stripes, checker, smooth
+    noise), scale, position and rotation, on a background (linear gradient, texture, or
+    noise). The class is recognisable from the silhouette alone.
+
+    Returns (image, label), or (image, label, mask) with return_mask=True: mask is a
+    LongTensor [H, W] with 0 for background and label + 1 on the shape. The mask is for the
+    untransformed image; use a geometry-preserving transform (e.g. EvalTransform(None, None))
+    when you need them aligned.
+    """
+
+    classes = SHAPE_CLASSES
+    num_classes = len(SHAPE_CLASSES)
+
+    def __init__(self, num_images: int = 10000, image_size: int = 64, seed: int = 0, transform=None,
+                 return_mask: bool = False):
+        if num_images < 1 or image_size < 8:
+            raise ValueError(f"SyntheticShapes needs num_images >= 1 and image_size >= 8, got {num_images}, {image_size}")
+        self.num_images, self.image_size, self.seed = int(num_images), int(image_size), int(seed)
+        self.transform, self.return_mask = transform, return_mask
+        coords = np.arange(self.image_size, dtype=np.float32) + 0.5
+        self._yy, self._xx = np.meshgrid(coords, coords, indexing="ij")  # pixel centres, [S, S]
+
+    def __len__(self):
+        return self.num_images
+
+    def generate(self, i: int):
+        """Item i as numpy: (image uint8 [S,S,3], label int, mask int64 [S,S])."""
+        if not 0 <= i < self.num_images:
+            raise IndexError(f"index {i} out of range for SyntheticShapes of length {self.num_images}")
+        rng = np.random.default_rng([self.seed, i])
+        size, xx, yy = self.image_size, self._xx, self._yy
+        label = i % self.num_classes
+
+        # Background: a gradient between two colours, or a two-colour texture, plus mild noise.
+        bg_a, bg_b = rng.uniform(0, 1, 3).astype(np.float32), rng.uniform(0, 1, 3).astype(np.float32)
+        if rng.random() < 0.5:
+            angle = rng.uniform(0, 2 * np.pi)
+            t = xx * np.float32(np.cos(angle) / size) + yy * np.float32(np.sin(angle) / size)
+            t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+        else:
+            t = _texture(rng, xx, yy, size) * np.float32(rng.uniform(0.2, 1.0))
+        background = bg_a + (bg_b - bg_a) * t[..., None]
+        background += rng.standard_normal(background.shape, dtype=np.float32) * np.float32(rng.uniform(0, 0.06))
+        bg_mean = bg_a + (bg_b - bg_a) * t.mean()
+
+        # Shape: colour(s) far from the background's mean colour, textured half of the time.
+        fg_a = rng.uniform(0, 1, 3).astype(np.float32)
+        for _ in range(20):
+            if np.linalg.norm(fg_a - bg_mean) >= 0.45:
+                break
+            fg_a = rng.uniform(0, 1, 3).astype(np.float32)
+        fg_b = fg_a + rng.uniform(-0.25, 0.25, 3).astype(np.float32)
+        shade = _texture(rng, xx, yy, size) if rng.random() < 0.5 else np.zeros_like(xx)
+        foreground = fg_a + (fg_b - fg_a) * shade[..., None]
+
+        # Geometry: radius 20-45% of the image, fully inside, random rotation.
+        radius = rng.uniform(0.2, 0.45) * size
+        cx, cy = rng.uniform(radius, size - radius, 2)
+        theta = rng.uniform(0, 2 * np.pi)
+        c, s = np.float32(np.cos(theta) / radius), np.float32(np.sin(theta) / radius)
+        dx, dy = xx - np.float32(cx), yy - np.float32(cy)
+        u = dx * c + dy * s
+        v = dy * c - dx * s
+        inside = _shape_mask(label, u, v)
+
+        image = np.where(inside[..., None], foreground, background)
+        image = (np.clip(image, 0, 1) * np.float32(255) + np.float32(0.5)).astype(np.uint8)
+        mask = inside.astype(np.int64) * (label + 1)
+        return image, label, mask
+
+    def __getitem__(self, i):
+        image, label, mask = self.generate(i)
+        image = Image.fromarray(image)
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.return_mask:
+            return image, label, torch.from_numpy(mask)
+        return image, label
+
+
+# --------------------------------------------------------------------------------------
+# --data spec and DataLoader
+# --------------------------------------------------------------------------------------
+
+DATA_SPEC_FORMS = (
+    "builtin  |  builtin:n=2000,size=64,seed=0   (SyntheticShapes, no download)",
+    "folder:PATH  or an existing directory PATH   (images, optionally one subfolder per class)",
+    "cifar10:ROOT   (torchvision CIFAR-10 already downloaded under ROOT)",
+    "stl10:ROOT     (torchvision STL-10 train+unlabeled under ROOT)",
+    "imagenette:ROOT (torchvision Imagenette under ROOT)",
+)
+
+
+def _spec_error(spec, problem):
+    return ValueError(f"bad --data spec {spec!r}: {problem}. Valid forms:\n  " + "\n  ".join(DATA_SPEC_FORMS))
+
+
+def build_dataset(spec: str, transform=None, train: bool = True, return_mask: bool = False):
+    """Dataset from a --data spec string (see DATA_SPEC_FORMS).
+
+    train selects the training split of torchvision datasets (STL-10: train+unlabeled; False:
+    test). return_mask applies to builtin only.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise _spec_error(spec, "empty")
+    spec = spec.strip()
+    kind, _, arg = spec.partition(":")
+    if kind == "builtin":
+        options = {"n": 10000, "size": 64, "seed": 0}
+        for item in filter(None, arg.split(",")):
+            key, eq, value = item.partition("=")
+            key = key.strip()
+            if not eq or key not in options:
+                raise _spec_error(spec, f"unknown builtin option {item!r} (options: n, size, seed)")
+            try:
+                options[key] = int(value)
+            except ValueError:
+                raise _spec_error(spec, f"builtin option {key} must be an integer, got {value!r}") from None
+        return SyntheticShapes(num_images=options["n"], image_size=options["size"], seed=options["seed"],
+                               transform=transform, return_mask=return_mask)
+    if kind in ("folder", "cifar10", "stl10", "imagenette"):
+        if not arg:
+            raise _spec_error(spec, f"{kind} needs a path after the colon")
+        root = os.path.expanduser(arg)
+        if kind == "folder":
+            return ImageFolderDataset(root, transform=transform)
+        if kind == "cifar10":
+            return cifar10(root, train=train, transform=transform)
+        if kind == "stl10":
+            return stl10(root, split="train+unlabeled" if train else "test", transform=transform)
+        return imagenette(root, split="train" if train else "val", transform=transform)
+    if os.path.isdir(os.path.expanduser(spec)):
+        return ImageFolderDataset(os.path.expanduser(spec), transform=transform)
+    raise _spec_error(spec, "not a known dataset kind and not an existing directory")
+
+
+def _seed_worker(worker_id):
+    """Seed numpy and random in a DataLoader worker from its torch seed (base seed + worker id)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(dataset, batch_size: int, collate_fn=None, num_workers: int = 0, seed: int = 0,
+                shuffle: bool = True, drop_last: bool = True, pin_memory: bool | None = None,
+                persistent_workers: bool | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader whose shuffling and per-worker augmentation randomness follow `seed`.
+
+    Workers get torch seed (base seed from `seed`) + worker id, and numpy/random are seeded
+    from it. Under torch.distributed a DistributedSampler splits the data across ranks
+    (call ``loader.sampler.set_epoch(epoch)`` each epoch to reshuffle). pin_memory defaults
+    to CUDA availability, persistent_workers to num_workers > 0.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if drop_last and len(dataset) < batch_size * distributed.get_world_size():
+        raise ValueError(f"dataset has {len(dataset)} items, fewer than one batch of {batch_size} per rank "
+                         "with drop_last=True; use a smaller batch_size or more data")
+    generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if distributed.is_enabled():
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        shuffle = False
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate_fn,
+        num_workers=num_workers, drop_last=drop_last, generator=generator, worker_init_fn=_seed_worker,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=(num_workers > 0) if persistent_workers is None else persistent_workers,
+    )

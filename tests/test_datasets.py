@@ -1,0 +1,241 @@
+"""Datasets: image folders with broken files, torchvision wrappers, SyntheticShapes, specs, loaders."""
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinolite.data import (
+    SHAPE_CLASSES,
+    EvalTransform,
+    ImageFolderDataset,
+    MultiCropAugmentation,
+    SyntheticShapes,
+    build_dataset,
+    make_loader,
+)
+
+
+def save(image, path, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kw)
+    return path
+
+
+def photo(seed=0, size=(24, 16)):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def messy_folder(tmp_path):
+    """Two classes with good images in many modes, plus a corrupt and two truncated files."""
+    root = tmp_path / "data"
+    save(photo(0), root / "dogs" / "a.jpg")
+    save(photo(1).convert("L"), root / "dogs" / "gray.png")
+    rgba = photo(2).convert("RGBA")
+    rgba.putalpha(0)
+    save(rgba, root / "cats" / "rgba.PNG")
+    save(photo(3).convert("CMYK"), root / "cats" / "cmyk.jpeg")
+    save(photo(4).convert("P"), root / "cats" / "nested" / "palette.gif")
+    (root / "cats" / "corrupt.jpg").write_bytes(b"this is not an image at all" * 10)
+    full = save(photo(5, (64, 64)), root / "dogs" / "truncated.jpg", quality=95).read_bytes()
+    (root / "dogs" / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    png = save(photo(6, (64, 64)), root / "dogs" / "truncated.png").read_bytes()
+    (root / "dogs" / "truncated.png").write_bytes(png[: len(png) // 2])
+    (root / "dogs" / "notes.txt").write_text("not an image extension: ignored")
+    return root
+
+
+def test_folder_dataset_labels_modes_and_broken_files(messy_folder):
+    with pytest.warns(UserWarning, match="corrupt.jpg") as record:
+        ds = ImageFolderDataset(messy_folder)
+    assert len(record) == 1  # one warning for all files skipped while indexing
+    assert "truncated.png" in str(record[0].message)  # PNG truncation is caught by verify()
+    assert [p.name for p in ds.skipped] == ["corrupt.jpg", "truncated.png"]
+    assert ds.classes == ["cats", "dogs"] and ds.num_classes == 2
+    names = {p.name: label for p, label in ds.samples}
+    assert names == {"cmyk.jpeg": 0, "palette.gif": 0, "rgba.PNG": 0, "a.jpg": 1, "gray.png": 1, "truncated.jpg": 1}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = [ds[i] for i in range(len(ds))]
+    # The truncated JPEG passes the cheap check but fails to decode: warned about once, replaced.
+    assert len(caught) == 1 and "truncated.jpg" in str(caught[0].message)
+    for (image, label), (path, expected_label) in zip(items, ds.samples):
+        assert image.mode == "RGB"
+        if path.name != "truncated.jpg":
+            assert label == expected_label
+    by_name = dict(zip([p.name for p, _ in ds.samples], [im for im, _ in items]))
+    assert np.all(np.asarray(by_name["rgba.PNG"]) == 255)  # fully transparent -> white
+    gray = np.asarray(by_name["gray.png"])
+    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second pass warns no more
+        _ = [ds[i] for i in range(len(ds))]
+
+
+def test_folder_dataset_transform_and_unlabelled(tmp_path):
+    for i in range(3):
+        save(photo(i), tmp_path / f"img{i}.webp")
+    ds = ImageFolderDataset(tmp_path, transform=EvalTransform(resize_size=None, crop_size=16))
+    assert len(ds) == 3 and ds.classes == [] and ds.num_classes == 0
+    image, label = ds[0]
+    assert label == -1 and tuple(image.shape) == (3, 16, 16) and image.dtype == torch.float32
+
+
+def test_folder_dataset_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does_not_exist"):
+        ImageFolderDataset(tmp_path / "does_not_exist")
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "readme.md").write_text("no images")
+    with pytest.raises(ValueError, match=r"no images found under .*empty.*\.jpg"):
+        ImageFolderDataset(tmp_path / "empty")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="could be read"), pytest.warns(UserWarning):
+        ImageFolderDataset(tmp_path / "bad")
+
+
+def test_synthetic_shapes_deterministic_and_independent_of_length():
+    a = SyntheticShapes(num_images=50, image_size=32, seed=0)
+    b = SyntheticShapes(num_images=1000, image_size=32, seed=0)
+    c = SyntheticShapes(num_images=50, image_size=32, seed=1)
+    for i in (0, 7, 49):
+        ia, la, ma = a.generate(i)
+        ib, lb, mb = b.generate(i)
+        assert np.array_equal(ia, ib) and la == lb and np.array_equal(ma, mb)
+        assert not np.array_equal(ia, c.generate(i)[0])
+    assert not np.array_equal(a.generate(0)[0], a.generate(12)[0])  # same class, different image
+    with pytest.raises(IndexError):
+        a.generate(50)
+
+
+def test_synthetic_shapes_classes_balanced_and_masks_consistent():
+    ds = SyntheticShapes(num_images=240, image_size=48, seed=0, return_mask=True)
+    assert ds.num_classes == len(SHAPE_CLASSES) >= 10
+    labels = []
+    contrast = []
+    for i in range(len(ds)):
+        image, label, mask = ds[i]
+        labels.append(label)
+        assert isinstance(image, Image.Image) and image.size == (48, 48) and image.mode == "RGB"
+        assert mask.dtype == torch.int64 and mask.shape == (48, 48)
+        assert set(mask.unique().tolist()) == {0, label + 1}
+        fraction = (mask > 0).float().mean().item()
+        assert 0.01 < fraction < 0.75, (i, fraction)
+        pixels = np.asarray(image, dtype=np.float32) / 255
+        inside, outside = pixels[mask.numpy() > 0], pixels[mask.numpy() == 0]
+        contrast.append(np.linalg.norm(inside.mean(0) - outside.mean(0)))
+    assert np.bincount(labels, minlength=ds.num_classes).tolist() == [240 // ds.num_classes] * ds.num_classes
+    # The shape's colour stands out from the background in (almost) every image.
+    contrast = np.array(contrast)
+    assert np.median(contrast) > 0.3 and (contrast > 0.1).mean() > 0.95
+
+
+def test_synthetic_shapes_silhouettes_identify_the_class():
+    """Same pose, different classes: silhouettes differ. Same class, any pose: areas stay in a band."""
+    from dinolite.data.datasets import _shape_mask
+
+    grid = np.linspace(-1.2, 1.2, 96, dtype=np.float32)
+    y, x = np.meshgrid(grid, grid, indexing="ij")
+    masks = np.stack([_shape_mask(c, x, y) for c in range(len(SHAPE_CLASSES))]).reshape(len(SHAPE_CLASSES), -1)
+    differences = (masks[:, None] != masks[None]).mean(-1)
+    off_diagonal = differences[~np.eye(len(SHAPE_CLASSES), dtype=bool)]
+    assert off_diagonal.min() > 0.02  # every pair of classes differs on > 2% of the canvas
+    # ring has a hole, circle does not
+    ring, circle = SHAPE_CLASSES.index("ring"), SHAPE_CLASSES.index("circle")
+    centre = masks.reshape(len(SHAPE_CLASSES), 96, 96)[:, 48, 48]
+    assert centre[circle] and not centre[ring]
+
+
+def test_synthetic_shapes_any_resolution_and_transform():
+    for size in (17, 96):
+        image, label, mask = SyntheticShapes(num_images=3, image_size=size, return_mask=True)[1]
+        assert image.size == (size, size) and mask.shape == (size, size) and label == 1
+    ds = SyntheticShapes(num_images=4, image_size=64, transform=MultiCropAugmentation.from_preset("small"))
+    crops, label = ds[2]
+    assert tuple(crops["global_crops"][0].shape) == (3, 64, 64) and label == 2
+    with pytest.raises(ValueError, match="image_size"):
+        SyntheticShapes(image_size=4)
+
+
+def test_synthetic_shapes_speed():
+    ds = SyntheticShapes(num_images=1000, image_size=64)
+    start = time.perf_counter()
+    for i in range(1000):
+        ds.generate(i)
+    assert time.perf_counter() - start < 6.0  # i.e. 10k images in well under a minute
+
+
+def test_build_dataset_specs(tmp_path):
+    ds = build_dataset("builtin")
+    assert isinstance(ds, SyntheticShapes) and (len(ds), ds.image_size, ds.seed) == (10000, 64, 0)
+    ds = build_dataset("builtin:n=20,size=32,seed=3", return_mask=True)
+    assert (len(ds), ds.image_size, ds.seed, ds.return_mask) == (20, 32, 3, True)
+    save(photo(0), tmp_path / "pics" / "a" / "x.png")
+    save(photo(1), tmp_path / "pics" / "b" / "y.png")
+    for spec in (f"folder:{tmp_path / 'pics'}", str(tmp_path / "pics")):
+        ds = build_dataset(spec)
+        assert isinstance(ds, ImageFolderDataset) and ds.classes == ["a", "b"]
+    for bad, message in [("builtin:n=ten", "integer"), ("builtin:images=5", "unknown builtin option"),
+                         ("imagenet:/data", "not a known dataset"), ("folder:", "needs a path"), ("", "empty")]:
+        with pytest.raises(ValueError, match=message) as info:
+            build_dataset(bad)
+        assert "cifar10:ROOT" in str(info.value) and "builtin:n=2000" in str(info.value)  # lists the valid forms
+
+
+@pytest.mark.parametrize("name, hint", [("cifar10", "cifar-10-python.tar.gz"), ("stl10", "stl10_binary.tar.gz"),
+                                        ("imagenette", "imagenette2-160.tgz")])
+def test_missing_torchvision_dataset_says_how_to_get_it(tmp_path, name, hint):
+    with pytest.raises(FileNotFoundError) as info:
+        build_dataset(f"{name}:{tmp_path}")
+    message = str(info.value)
+    assert hint in message and "download=True" in message and str(tmp_path) in message
+
+
+def test_cifar10_wrapper_reads_a_local_copy(tmp_path, monkeypatch):
+    """A tiny fake CIFAR-10 in the real on-disk format (pickled batches) loads as (RGB PIL, int)."""
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), "labels": [3, 7]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    import torchvision.datasets.cifar
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kw: True)  # fake md5s
+    ds = build_dataset(f"cifar10:{tmp_path}")
+    assert len(ds) == 10 and ds.num_classes == 10
+    image, label = ds[1]
+    assert image.mode == "RGB" and image.size == (32, 32) and label == 7
+
+
+def _collect(loader, epochs=1):
+    out = []
+    for _ in range(epochs):
+        for crops, labels in loader:
+            out.append((crops["global_crops"][0].clone(), labels.clone()))
+    return out
+
+
+def test_make_loader_is_seeded_across_workers():
+    aug = MultiCropAugmentation.from_preset("tiny", n_local=1)
+    ds = SyntheticShapes(num_images=24, image_size=32, transform=aug)
+    collate = torch.utils.data.default_collate
+    a = _collect(make_loader(ds, batch_size=6, collate_fn=collate, num_workers=2, seed=0))
+    b = _collect(make_loader(ds, batch_size=6, collate_fn=collate, num_workers=2, seed=0))
+    c = _collect(make_loader(ds, batch_size=6, collate_fn=collate, num_workers=2, seed=1))
+    assert len(a) == 4
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    assert not all(torch.equal(x[1], y[1]) for x, y in zip(a, c))  # other shuffle
+    assert sorted(torch.cat([labels for _, labels in a]).tolist()) == sorted(i % 12 for i in range(24))
+    loader = make_loader(ds, batch_size=5)
+    assert loader.drop_last and len(loader) == 4 and not loader.persistent_workers
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        make_loader(ds, batch_size=32)
