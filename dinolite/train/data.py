@@ -1,0 +1,105 @@
+"""Training batches as a pure function of (seed, step, rank).
+
+`StepBatches[step]` is the whole collated multi-crop batch of one optimiser step on one rank.
+Its image indices and every random number of its augmentations and masks are derived from
+(seed, step, rank) alone, so a run resumed at step s reads exactly the batches an uninterrupted
+run reads from step s on, whatever the number of DataLoader workers. No sampler or RNG state
+needs to be saved.
+
+Data order: the global stream of images is epoch after epoch of a permutation of the dataset,
+permutation e drawn from (seed, e); step s on rank r takes stream positions
+[s * world * B + r * B, s * world * B + (r + 1) * B).
+"""
+import numpy as np
+import torch
+
+from dinolite.data import MultiCropAugmentation
+from dinolite.masking import MaskingGenerator, collate_multicrop
+from dinolite.train.config import Config
+
+# Stream tags keep the random streams of one step independent of each other.
+_ORDER, _AUGMENT, _MASKS, _MODEL = 0, 1, 2, 3
+
+
+def derive_seed(*numbers: int) -> int:
+    """A 63-bit seed mixing any number of non-negative integers (numpy SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def step_generator(seed: int, step: int, rank: int, tag: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(seed, step, rank, tag))
+
+
+def build_augmentation(cfg: Config) -> MultiCropAugmentation:
+    c = cfg.crops
+    return MultiCropAugmentation(
+        global_size=c.global_size, local_size=c.local_size, n_local=c.n_local,
+        global_scale=(c.global_scale_min, 1.0), local_scale=(c.local_scale_min, c.local_scale_max),
+    )
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item `step` -> collated batch dict (collate_multicrop) for steps [start_step, total_steps).
+
+    Args:
+        dataset: indexable, item i -> image or (image, label, ...).
+        cfg: the Config (crops, masking, batch size, seed).
+        total_steps: number of optimiser steps in the run.
+        start_step: first step served (resuming).
+        rank, world_size: this process and the number of processes.
+    """
+
+    def __init__(self, dataset, cfg: Config, total_steps: int, start_step: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        if len(dataset) < cfg.train.batch_size * world_size:
+            raise ValueError(f"the dataset has {len(dataset)} images, fewer than one global batch "
+                             f"({cfg.train.batch_size} x {world_size}); lower train.batch_size")
+        self.dataset, self.cfg = dataset, cfg
+        self.total_steps, self.start_step = total_steps, start_step
+        self.rank, self.world_size = rank, world_size
+        self.augmentation = build_augmentation(cfg)
+        grid = cfg.crops.global_size // cfg.model.patch_size
+        self.grid = grid
+        self._perm_epoch, self._perm = None, None
+
+    def __len__(self) -> int:
+        return self.total_steps - self.start_step
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm_epoch != epoch:  # cached: consecutive steps share an epoch
+            gen = torch.Generator().manual_seed(derive_seed(self.cfg.train.seed, epoch, _ORDER))
+            self._perm, self._perm_epoch = torch.randperm(len(self.dataset), generator=gen), epoch
+        return self._perm
+
+    def indices(self, step: int) -> list[int]:
+        """Dataset indices of the images of `step` on this rank."""
+        B, n = self.cfg.train.batch_size, len(self.dataset)
+        first = step * self.world_size * B + self.rank * B
+        out = []
+        for position in range(first, first + B):
+            epoch, i = divmod(position, n)
+            out.append(int(self._permutation(epoch)[i]))
+        return out
+
+    def __getitem__(self, item: int) -> dict:
+        step = self.start_step + item
+        seed, c = self.cfg.train.seed, self.cfg.crops
+        samples = []
+        for j, index in enumerate(self.indices(step)):
+            entry = self.dataset[index]
+            image, label = (entry[0], entry[1]) if isinstance(entry, (tuple, list)) else (entry, None)
+            gen = torch.Generator().manual_seed(derive_seed(seed, step, self.rank, _AUGMENT, j))
+            crops = self.augmentation(image, generator=gen)
+            samples.append(crops if label is None else (crops, label))
+        mask_generator = MaskingGenerator(self.grid, generator=step_generator(seed, step, self.rank, _MASKS))
+        batch = collate_multicrop(
+            samples, mask_generator, mask_probability=c.mask_probability,
+            mask_ratio_range=(c.mask_ratio_min, c.mask_ratio_max), patch_size=self.cfg.model.patch_size,
+            generator=step_generator(seed, step, self.rank, _MASKS + 100),
+        )
+        batch["step"] = step
+        return batch
+
+
+def move_batch(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}

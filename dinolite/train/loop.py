@@ -1,0 +1,350 @@
+"""The training step (a plain function) and the training loop (resume, logs, checkpoints, export).
+
+    arch = train(get_config("tiny-cpu"), "builtin:n=2000,size=32", output_dir="runs/tiny")
+
+Exact resume: every random number of step s (batch contents, augmentations, masks, drop path)
+is derived from (seed, step, rank), every schedule is a function of s, and a checkpoint holds
+student, teacher, optimiser and centering state. So a run stopped after step s and resumed
+continues bitwise like an uninterrupted one (on CPU; CUDA kernels may be non-deterministic).
+"""
+import contextlib
+import functools
+import json
+import math
+import os
+import time
+import warnings
+
+import torch
+
+from dinolite import distributed
+from dinolite.ema import ema_update_
+from dinolite.monitor import CollapseMonitor, check_teacher, collapse_metrics
+from dinolite.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dinolite.train.config import Config, config_diff, config_from_dict, config_to_dict, load_config, save_config
+from dinolite.train.data import _MODEL, StepBatches, derive_seed, move_batch
+from dinolite.train.meta_arch import DINOv2MetaArch
+from dinolite.train.optim import StepValues, apply_schedule_, build_optimizer, schedule_values
+
+# Run-control keys that may change when resuming: they do not change what is computed.
+RESUMABLE_KEYS = {
+    "train.device", "train.num_workers", "train.progress", "train.tensorboard", "train.log_every",
+    "train.checkpoint_every", "train.keep_last", "train.monitor_every", "train.knn_every",
+}
+# Below this many images per rank and step, batch statistics (Sinkhorn-Knopp columns, KoLeo
+# nearest neighbours, the centre) get noisy; we warn.
+SMALL_BATCH = 32
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_autocast(device: torch.device, precision: str):
+    """A no-argument context factory: bf16 autocast on CPU or CUDA, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+
+
+def train_step(arch: DINOv2MetaArch, optimizer: torch.optim.Optimizer, batch: dict, step: int,
+               values: StepValues, seed: int = 0, clip_grad: float = 3.0, rank: int = 0,
+               autocast=contextlib.nullcontext) -> dict:
+    """One optimiser step: losses, backward, clip, AdamW, EMA of the teacher.
+
+    Args:
+        arch: the meta-architecture (student, teacher, centering state).
+        optimizer: AdamW over `build_param_groups(arch.student)`.
+        batch: collate_multicrop dict on the training device.
+        step: the global step number (seeds drop path: torch RNG <- (seed, step, rank)).
+        values: this step's lr / weight decay / teacher momentum / teacher temperature.
+    Returns the loss terms and monitor tensors of `arch.forward_losses`, plus grad_norm.
+    """
+    torch.manual_seed(derive_seed(seed, step, rank, _MODEL))
+    arch.train()
+    apply_schedule_(optimizer, values)
+    optimizer.zero_grad(set_to_none=True)
+    out = arch.forward_losses(batch, values.teacher_temp, autocast)
+    out["loss"].backward()
+    params = [p for p in arch.student.parameters() if p.grad is not None]
+    max_norm = clip_grad if clip_grad > 0 else math.inf
+    out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+    optimizer.step()
+    ema_update_(arch.teacher, arch.student, values.momentum)
+    out["loss"] = out["loss"].detach()
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints
+
+
+def training_state(arch: DINOv2MetaArch, optimizer, step: int, cfg: Config) -> dict:
+    """Everything needed to continue after `step` completed steps."""
+    return {
+        "step": step,
+        "student": arch.student.state_dict(),
+        "teacher": arch.teacher.state_dict(),
+        "centers": {name: getattr(arch, name).state_dict() for name in ("dino_center", "ibot_center")
+                    if hasattr(arch, name)},
+        "optimizer": optimizer.state_dict(),
+        "config": config_to_dict(cfg),
+    }
+
+
+def restore_training_state(state: dict, arch: DINOv2MetaArch, optimizer) -> int:
+    """Load `state` (strictly) into arch and optimizer; returns the number of completed steps."""
+    arch.student.load_state_dict(state["student"], strict=True)
+    arch.teacher.load_state_dict(state["teacher"], strict=True)
+    for name, center_state in state["centers"].items():
+        getattr(arch, name).load_state_dict(center_state, strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def _check_resume_config(output_dir: str, cfg: Config) -> None:
+    saved_path = os.path.join(output_dir, "config.yaml")
+    if not os.path.exists(saved_path):
+        return
+    saved = load_config(saved_path)
+    diff = {k: v for k, v in config_diff(saved, cfg).items() if k not in RESUMABLE_KEYS}
+    if diff:
+        lines = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"{output_dir} holds a run with a different config ({lines}). Resume with the "
+                         f"same config, or use a new --output-dir. Only these keys may change on resume: "
+                         f"{', '.join(sorted(RESUMABLE_KEYS))}")
+
+
+# ---------------------------------------------------------------------------------------
+# kNN evaluation data
+
+
+def knn_datasets(data, cfg: Config):
+    """(train, held-out) datasets of (image tensor, label) for kNN, or None when there are no labels.
+
+    Images are resized and centre-cropped to crops.global_size. Built-in SyntheticShapes: the
+    held-out split is the same generator with another seed (new images, same classes);
+    torchvision datasets: their test split.
+    """
+    from dinolite.data import EvalTransform, SyntheticShapes, build_dataset
+
+    size = cfg.crops.global_size
+    transform = EvalTransform(resize_size=size, crop_size=size)
+    t = cfg.train
+    if isinstance(data, SyntheticShapes):
+        n_train = t.knn_train_size or len(data)
+        n_test = t.knn_test_size or max(1, len(data) // 5)
+        train_set = SyntheticShapes(min(n_train, len(data)), data.image_size, data.seed, transform=transform)
+        test_set = SyntheticShapes(n_test, data.image_size, data.seed + 1_000_003, transform=transform)
+        return train_set, test_set
+    if isinstance(data, str) and data.split(":")[0] in ("cifar10", "stl10", "imagenette"):
+        train_set = build_dataset(data, transform=transform, train=True)
+        test_set = build_dataset(data, transform=transform, train=False)
+        if t.knn_train_size:
+            train_set = torch.utils.data.Subset(train_set, range(min(t.knn_train_size, len(train_set))))
+        if t.knn_test_size:
+            test_set = torch.utils.data.Subset(test_set, range(min(t.knn_test_size, len(test_set))))
+        return train_set, test_set
+    return None
+
+
+@torch.no_grad()
+def knn_accuracy(backbone, knn_data, k: int = 20, batch_size: int = 256) -> float:
+    """Top-1 kNN accuracy (%) of `backbone`'s [CLS] features: train split as memory, held-out as queries."""
+    from dinolite.eval import extract_features, knn_classify
+
+    train_set, test_set = knn_data
+    train_feats = extract_features(backbone, train_set, batch_size=batch_size, progress=False)
+    test_feats = extract_features(backbone, test_set, batch_size=batch_size, progress=False)
+    result = knn_classify(train_feats["cls"], train_feats["labels"], test_feats["cls"], test_feats["labels"], k=k)
+    return result["top1"]
+
+
+# ---------------------------------------------------------------------------------------
+# the loop
+
+
+class _Logger:
+    """metrics.jsonl (+ TensorBoard when available and asked for) and an in-memory history."""
+
+    def __init__(self, output_dir, tensorboard: bool, enabled: bool):
+        self.history = []
+        self.path = os.path.join(output_dir, "metrics.jsonl") if (output_dir and enabled) else None
+        self.writer = None
+        if tensorboard and self.path:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            except ImportError:
+                warnings.warn("train.tensorboard=true but tensorboard is not installed; "
+                              "logging to metrics.jsonl only (pip install tensorboard)", stacklevel=3)
+
+    def log(self, record: dict):
+        self.history.append(record)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.writer:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
+
+
+def _small_batch_warning(cfg: Config, world_size: int) -> str | None:
+    B = cfg.train.batch_size
+    if B >= SMALL_BATCH:
+        return None
+    return (f"train.batch_size={B} images per rank is small (< {SMALL_BATCH}): Sinkhorn-Knopp, the centre "
+            f"and KoLeo use in-batch statistics (KoLeo's nearest neighbours among only {B} images; SK spreads "
+            f"{2 * B * world_size} teacher rows over {cfg.head.dino_out_dim} prototypes). Gradient accumulation "
+            "does NOT fix this. Remedies: a larger batch if memory allows; a slower teacher "
+            "(optim.momentum_teacher=0.9995); fewer prototypes (head.dino_out_dim, head.ibot_out_dim); "
+            "the sqrt rule already lowers the lr for small batches.")
+
+
+def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | None = None,
+          knn_data="auto", device=None, progress: bool | None = None) -> DINOv2MetaArch:
+    """Train DINOv2 with `cfg` on `data` and return the meta-architecture (teacher and student).
+
+    Args:
+        cfg: a Config (get_config("tiny-cpu"), apply_overrides, ...).
+        data: a --data spec string ("builtin:n=2000,size=32", "imagenette:ROOT", ...) or a dataset
+            whose items are an image or (image, label).
+        output_dir: checkpoints, config.yaml, metrics.jsonl, teacher_backbone_official.pth; a
+            directory that already holds checkpoints is resumed (the config must match). None:
+            nothing is written and nothing resumed.
+        stop_at_step: stop after this many completed steps (the schedules still span the whole
+            run), e.g. to simulate an interruption; a checkpoint is written there.
+        knn_data: "auto" (a labelled held-out split when the data has one, see knn_datasets),
+            None (no kNN), or a (train, held-out) pair of labelled datasets.
+        device, progress: override cfg.train.device / cfg.train.progress.
+    The returned module has `history`: the list of logged records (also in metrics.jsonl).
+    """
+    from dinolite.data import build_dataset
+
+    t = cfg.train
+    device = resolve_device(device or t.device)
+    progress = t.progress if progress is None else progress
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    is_main = rank == 0
+    dataset = build_dataset(data) if isinstance(data, str) else data
+    if knn_data == "auto":
+        knn_data = knn_datasets(data if isinstance(data, str) and ":" in data and not data.startswith("builtin")
+                                else dataset, cfg)
+    global_batch = t.batch_size * world_size
+    epoch_length = t.epoch_length or max(1, len(dataset) // global_batch)
+    total_steps = t.epochs * epoch_length
+    warning = _small_batch_warning(cfg, world_size)
+    if warning and is_main:
+        warnings.warn(warning, stacklevel=2)
+
+    # Model and optimiser (the init is seeded so that the same seed gives the same network).
+    torch.manual_seed(t.seed)
+    arch = DINOv2MetaArch(cfg, device=device)
+    problem = check_teacher(arch.teacher, arch.student)
+    if problem:
+        raise RuntimeError(problem)
+    optimizer = build_optimizer(arch.student, cfg)
+
+    start_step = 0
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        _check_resume_config(output_dir, cfg)
+        path = latest_checkpoint(output_dir)
+        if path:
+            state = load_checkpoint(path, map_location=device)
+            bad = {k: v for k, v in config_diff(config_from_dict(state["config"]), cfg).items()
+                   if k not in RESUMABLE_KEYS}
+            if bad:
+                raise ValueError(f"checkpoint {path} was trained with another config: {bad}")
+            start_step = restore_training_state(state, arch, optimizer)
+        if is_main:
+            save_config(cfg, os.path.join(output_dir, "config.yaml"))
+    end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
+
+    logger = _Logger(output_dir, t.tensorboard, is_main)
+    monitor = CollapseMonitor(num_prototypes=cfg.head.dino_out_dim, patience=3,
+                              warmup_steps=int(cfg.loss.warmup_teacher_temp_epochs * epoch_length),
+                              student_temp=cfg.loss.student_temp)
+    autocast = make_autocast(device, t.precision)
+
+    def evaluate_knn(step):
+        if knn_data is not None and is_main:
+            top1 = knn_accuracy(arch.teacher.backbone, knn_data, k=t.knn_k)
+            logger.log({"step": step, "knn_top1": top1})
+            return top1
+
+    if start_step == 0 and t.knn_every and start_step < end_step:
+        evaluate_knn(0)  # the network at initialisation, as a baseline
+
+    batches = StepBatches(dataset, cfg, total_steps, start_step, rank, world_size)
+    loader = torch.utils.data.DataLoader(
+        batches, batch_size=None, shuffle=False, num_workers=t.num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+    )
+    bar = None
+    if progress and is_main:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=end_step, initial=start_step, desc="training", dynamic_ncols=True)
+
+    step, tic = start_step, time.perf_counter()
+    if start_step < end_step:
+        for batch in loader:
+            step = batch["step"]
+            batch = move_batch(batch, device)
+            values = schedule_values(cfg, step, total_steps, epoch_length, global_batch)
+            out = train_step(arch, optimizer, batch, step, values, seed=t.seed,
+                             clip_grad=cfg.optim.clip_grad, rank=rank, autocast=autocast)
+            done = step + 1
+            if done % t.log_every == 0 or done == end_step:
+                elapsed, tic = time.perf_counter() - tic, time.perf_counter()
+                record = {"step": done, **{k: out[k].item() for k in ("loss", "dino", "ibot", "koleo", "grad_norm")},
+                          "lr": values.lr, "weight_decay": values.weight_decay, "momentum": values.momentum,
+                          "teacher_temp": values.teacher_temp}
+                record["images_per_s"] = t.batch_size * world_size * (done - getattr(logger, "_last", start_step)) / elapsed
+                logger._last = done
+                logger.log(record)
+                if not math.isfinite(record["loss"]):
+                    raise FloatingPointError(f"loss is {record['loss']} at step {done}: lower optim.base_lr, "
+                                             "check the data, or use train.precision=fp32")
+                if bar:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", dino=f"{record['dino']:.3f}",
+                                    ibot=f"{record['ibot']:.3f}", koleo=f"{record['koleo']:.3f}",
+                                    img_s=f"{record['images_per_s']:.0f}")
+            if t.monitor_every and (done % t.monitor_every == 0 or done == end_step):
+                metrics = collapse_metrics(out["teacher_probs"], out["student_logits"], cfg.loss.student_temp,
+                                           out["student_cls"])
+                logger.log({"step": done, **{f"monitor/{k}": v for k, v in metrics.items()}})
+                message = monitor.update(loss=out["dino"].item(), teacher_probs=out["teacher_probs"],
+                                         student_logits=out["student_logits"], features=out["student_cls"],
+                                         step=done)
+                if message and is_main:
+                    warnings.warn(message, stacklevel=2)
+            if t.knn_every and done % t.knn_every == 0 and done != end_step:
+                evaluate_knn(done)
+            if output_dir and is_main and (done % t.checkpoint_every == 0 or done == end_step):
+                save_checkpoint(training_state(arch, optimizer, done, cfg), output_dir, done, t.keep_last)
+            if bar:
+                bar.update(1)
+            if done >= end_step:
+                break
+        step = end_step
+    if bar:
+        bar.close()
+
+    finished = step >= total_steps
+    if finished and start_step < total_steps:
+        evaluate_knn(total_steps)
+    if finished and output_dir and is_main:
+        from dinolite.hub import export_official
+        torch.save(export_official(arch.teacher.backbone), os.path.join(output_dir, "teacher_backbone_official.pth"))
+    logger.close()
+    arch.history = logger.history
+    arch.total_steps, arch.completed_steps = total_steps, step
+    return arch

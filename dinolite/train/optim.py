@@ -1,0 +1,115 @@
+"""AdamW parameter groups for DINOv2 training and the per-step schedule of every hyper-parameter.
+
+Rules (DINOv2 official code, see REFERENCE.md "Training recipe"):
+- layer-wise lr decay: a backbone parameter with layer id l gets lr * decay ** (depth + 1 - l);
+  layer id 0 for patch_embed, pos_embed, cls_token, register_tokens, mask_token (and the RoPE
+  periods if they were a parameter), i + 1 for blocks.i.*, depth + 1 (multiplier 1) for the
+  final norm. The heads are not part of the backbone: multiplier 1.
+- patch_embed parameters: an extra lr x patch_embed_lr_mult (0.2).
+- no weight decay for names ending in ".bias" or containing "norm" or "gamma" (LayerScale).
+  As in the official code, the tokens and the position embedding DO get weight decay.
+- the heads' last (prototype) layer is frozen (lr 0) for the first freeze_last_layer_epochs.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dinolite import schedules
+from dinolite.train.config import Config
+
+_LAYER_ZERO = ("patch_embed", "pos_embed", "cls_token", "register_tokens", "mask_token", "rope_embed")
+
+
+def backbone_layer_id(name: str, depth: int) -> int:
+    """Layer id of a backbone parameter `name` (relative to the backbone): 0 .. depth + 1."""
+    first = name.split(".")[0]
+    if first in _LAYER_ZERO:
+        return 0
+    if first == "blocks":
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_rule(name: str, depth: int, layerwise_decay: float, patch_embed_lr_mult: float) -> dict:
+    """{lr_mult, wd_mult, is_last_layer} for a student parameter name.
+
+    `name` is prefixed by its sub-module: "backbone.blocks.3.attn.qkv.weight",
+    "dino_head.mlp.0.bias", "ibot_head.last_layer.weight", ...
+    """
+    module, _, rest = name.partition(".")
+    lr_mult = 1.0
+    if module == "backbone":
+        lr_mult = layerwise_decay ** (depth + 1 - backbone_layer_id(rest, depth))
+        if rest.startswith("patch_embed"):
+            lr_mult *= patch_embed_lr_mult
+    no_decay = name.endswith(".bias") or "norm" in name or "gamma" in name
+    return {
+        "lr_mult": lr_mult,
+        "wd_mult": 0.0 if no_decay else 1.0,
+        "is_last_layer": module != "backbone" and "last_layer" in name,
+    }
+
+
+def build_param_groups(student: nn.Module, depth: int, layerwise_decay: float = 0.9,
+                       patch_embed_lr_mult: float = 0.2) -> list[dict]:
+    """Fuse the student's trainable parameters into AdamW groups with equal rules.
+
+    Each group carries "lr_mult", "wd_mult", "is_last_layer" and "names" (for tests and logs);
+    `apply_schedule_` turns them into "lr" and "weight_decay" every step.
+    """
+    groups = {}
+    for name, param in student.named_parameters():  # shared heads are listed once
+        if not param.requires_grad:
+            continue
+        rule = param_rule(name, depth, layerwise_decay, patch_embed_lr_mult)
+        key = (rule["lr_mult"], rule["wd_mult"], rule["is_last_layer"])
+        group = groups.setdefault(key, {"params": [], "names": [], **rule})
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(student: nn.Module, cfg: Config) -> torch.optim.AdamW:
+    groups = build_param_groups(student, cfg.model.depth, cfg.optim.layerwise_decay,
+                                cfg.optim.patch_embed_lr_mult)
+    # lr and weight decay are overwritten every step by apply_schedule_.
+    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0,
+                             betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+
+
+@dataclass
+class StepValues:
+    """Every scheduled hyper-parameter at one step."""
+
+    lr: float
+    last_layer_lr: float
+    weight_decay: float
+    momentum: float  # teacher EMA momentum
+    teacher_temp: float
+
+
+def schedule_values(cfg: Config, step: int, total_steps: int, epoch_length: int,
+                    global_batch: int) -> StepValues:
+    """The DINOv2 schedules (dinolite.schedules), pure functions of the step, so that a
+    resumed run sees exactly the values of an uninterrupted one."""
+    o, lo = cfg.optim, cfg.loss
+    peak = schedules.scaled_learning_rate(o.base_lr, global_batch)
+    warmup = min(total_steps, int(round(o.warmup_epochs * epoch_length)))
+    freeze = int(round(o.freeze_last_layer_epochs * epoch_length))
+    temp_warmup = int(round(lo.warmup_teacher_temp_epochs * epoch_length))
+    return StepValues(
+        lr=schedules.learning_rate(step, total_steps, peak, warmup, o.min_lr),
+        last_layer_lr=schedules.last_layer_learning_rate(step, total_steps, peak, warmup, freeze, o.min_lr),
+        weight_decay=schedules.weight_decay(step, total_steps, o.weight_decay, o.weight_decay_end),
+        momentum=schedules.teacher_momentum(step, total_steps, o.momentum_teacher, o.final_momentum_teacher),
+        teacher_temp=schedules.teacher_temperature(step, temp_warmup, lo.warmup_teacher_temp, lo.teacher_temp),
+    )
+
+
+def apply_schedule_(optimizer: torch.optim.Optimizer, values: StepValues) -> None:
+    """Write this step's lr and weight decay into every group (times the group's multipliers)."""
+    for group in optimizer.param_groups:
+        base = values.last_layer_lr if group["is_last_layer"] else values.lr
+        group["lr"] = base * group["lr_mult"]
+        group["weight_decay"] = values.weight_decay * group["wd_mult"]
