@@ -1,0 +1,57 @@
+"""Command line: python -m dinolite.train --config NAME|FILE --data SPEC --output-dir DIR [key=value ...]
+
+Examples:
+    python -m dinolite.train --config tiny-cpu --data builtin --output-dir runs/tiny
+    python -m dinolite.train --config vits16-imagenette-1gpu --data imagenette:~/data \
+        --output-dir runs/vits16 train.batch_size=128 optim.base_lr=0.002
+Re-running with the same --output-dir resumes from its latest checkpoint.
+"""
+import argparse
+import sys
+
+from dinolite.data import DATA_SPEC_FORMS
+from dinolite.train.config import RECIPES, apply_overrides, get_config, valid_keys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dinolite.train",
+        description="Train DINOv2 (DINO + iBOT + KoLeo) with an EMA teacher.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="data specs:\n  " + "\n  ".join(DATA_SPEC_FORMS)
+        + "\n\noverride keys (key=value):\n  " + " ".join(valid_keys()),
+    )
+    parser.add_argument("--config", required=True, help=f"a recipe ({', '.join(RECIPES)}) or a YAML file")
+    parser.add_argument("--data", required=True, help="dataset spec, e.g. builtin, builtin:n=2000,size=64, imagenette:ROOT")
+    parser.add_argument("--output-dir", required=True, help="checkpoints, logs, config.yaml, exported teacher; resumed if it exists")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.base_lr=0.001 model.depth=6")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = apply_overrides(get_config(args.config), args.overrides)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        from dinolite.train.config import config_to_dict
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        return 0
+    from dinolite.train.loop import train
+
+    arch = train(cfg, args.data, output_dir=args.output_dir)
+    last = next((r for r in reversed(arch.history) if "knn_top1" in r), None)
+    summary = f"done: {arch.completed_steps}/{arch.total_steps} steps, outputs in {args.output_dir}"
+    if last:
+        summary += f", teacher kNN top-1 {last['knn_top1']:.1f}%"
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
