@@ -12,8 +12,9 @@ torchvision's), which stay fast on small crops on a busy CPU.
 
 Blur probabilities. The official DINOv2 helper for random Gaussian blur takes a
 probability ``p`` and applies the blur with probability ``1 - p``. The configuration asks
-for 1.0 / 0.1 / 0.5 (global crop 1 / global crop 2 / local crops), which is what the paper
-describes, but the released checkpoints were therefore trained with 0.0 / 0.9 / 0.5.
+for 1.0 / 0.1 / 0.5 (global crop 1 / global crop 2 / local crops), as the paper describes,
+so the released checkpoints were in fact trained with 0.0 / 0.9 / 0.5. The blur itself is
+DINOv2's: kernel 9, sigma uniform in [0.1, 2.0].
 ``blur="paper"`` (default) gives the intended values, ``blur="released"`` the effective ones.
 """
 import math
