@@ -283,7 +283,8 @@ class Attention(nn.Module):
     def forward_list(self, xs: Tensor, shapes: list[tuple[int, int]], ropes: list, num_prefix: int) -> Tensor:
         """xs [sum_i B_i*T_i, D]: tokens of several crop groups concatenated; attention within each group."""
         qkv = self.qkv_projection(xs)
-        chunks = qkv.split([b * t for b, t in shapes])
+        # no split for a single group: split's backward would copy the whole qkv gradient
+        chunks = [qkv] if len(shapes) == 1 else qkv.split([b * t for b, t in shapes])
         outs = [self.attend(c, b, rope, num_prefix) for c, (b, _), rope in zip(chunks, shapes, ropes)]
         return self.proj(outs[0] if len(outs) == 1 else torch.cat(outs))
 
