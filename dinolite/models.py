@@ -198,7 +198,7 @@ class RopePositionEmbedding(nn.Module):
 
     def forward(self, h: int, w: int) -> tuple[Tensor, Tensor]:
         """Return (sin, cos), each [h*w, Dh] in fp32."""
-        angles = 2 * math.pi * self.coords(h, w)[:, :, None] / self.periods  # [h*w, 2, Dh/4]
+        angles = 2 * math.pi * self.coords(h, w)[:, :, None] / self.periods.float()  # [h*w, 2, Dh/4]
         angles = angles.flatten(1, 2).tile(2)  # [h*w, Dh]
         return angles.sin(), angles.cos()
 
@@ -376,7 +376,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"ffn must be 'mlp', 'swiglu' or 'swiglu64', got {ffn!r}")
         if pos_embed not in ("learned", "rope"):
             raise ValueError(f"pos_embed must be 'learned' or 'rope', got {pos_embed!r}")
-        check_image_size(img_size, img_size, patch_size)
+        if pos_embed == "learned":
+            check_image_size(img_size, img_size, patch_size)  # the table is built for this grid
         self.img_size, self.patch_size, self.embed_dim = img_size, patch_size, embed_dim
         self.num_heads, self.num_register_tokens, self.depth = num_heads, num_register_tokens, depth
         self.interpolate_offset, self.interpolate_antialias = interpolate_offset, interpolate_antialias
@@ -501,6 +502,8 @@ class VisionTransformer(nn.Module):
 
         xs: list of [B_i, 3, H_i, W_i]; masks_list: list of bool [B_i, N_i] or None.
         Inputs of equal size are batched into one attention call. Returns one forward_features dict per input.
+        With untie_global_and_local_cls_norm, entries after the first are treated as local crops in training
+        (their CLS/storage tokens use local_cls_norm), as in DINOv3 where the call is [globals, locals].
         """
         if masks_list is None:
             masks_list = [None] * len(xs)

@@ -364,3 +364,17 @@ def test_bad_options_raise():
         vit_tiny(ffn="gelu")
     with pytest.raises(ValueError, match="masks must be"):
         tiny().forward_features(torch.randn(1, 3, 56, 56), torch.zeros(1, 15, dtype=torch.bool))
+
+
+def test_untied_local_cls_norm_applies_to_local_crops_in_training():
+    model = tiny(pos_embed="rope", num_register_tokens=4, untie_global_and_local_cls_norm=True).train()
+    with torch.no_grad():
+        model.local_cls_norm.weight.fill_(2.0)
+    glob, loc = model.forward_features_list([torch.randn(2, 3, 56, 56), torch.randn(3, 3, 28, 28)])
+    assert torch.allclose(glob["x_norm_clstoken"], model.norm(glob["x_prenorm"][:, 0]), atol=1e-6)
+    assert torch.allclose(loc["x_norm_clstoken"], model.local_cls_norm(loc["x_prenorm"][:, 0]), atol=1e-6)
+    assert torch.allclose(loc["x_norm_regtokens"], model.local_cls_norm(loc["x_prenorm"][:, 1:5]), atol=1e-6)
+    assert torch.allclose(loc["x_norm_patchtokens"], model.norm(loc["x_prenorm"][:, 5:]), atol=1e-6)
+    model.eval()
+    loc_eval = model.forward_features_list([torch.randn(1, 3, 56, 56), torch.randn(3, 3, 28, 28)])[1]
+    assert torch.allclose(loc_eval["x_norm_clstoken"], model.norm(loc_eval["x_prenorm"][:, 0]), atol=1e-6)
