@@ -172,6 +172,8 @@ class RopePositionEmbedding(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if self.periods.is_meta:
+            return  # filled by init_weights() after to_empty()
         exponents = 2 * torch.arange(self.head_dim // 4, dtype=torch.float32, device=self.periods.device)
         self.periods.copy_(self.base ** (exponents / (self.head_dim // 2)))
 
@@ -414,10 +416,12 @@ class VisionTransformer(nn.Module):
     def init_weights(self) -> None:
         """Initialise every parameter and buffer explicitly (also after meta-device build + to_empty()).
 
-        Linear layers and the position table: trunc_normal(std 0.02), biases 0. CLS and register
+        Does nothing on the meta device. Linear layers and the position table: trunc_normal(std 0.02), biases 0. CLS and register
         tokens: normal std 1e-6 (DINOv2) or 0.02 (DINOv3, RoPE models). Mask token 0. Patch
         embedding: PyTorch's Conv2d default. LayerNorm: weight 1, bias 0. LayerScale: init value.
         """
+        if self.cls_token.is_meta:
+            return  # no storage yet (and meta normal_ would import torch._dynamo): call again after to_empty()
         token_std = 0.02 if self.rope_embed is not None else 1e-6
         nn.init.normal_(self.cls_token, std=token_std)
         if self.register_tokens is not None:
