@@ -181,7 +181,12 @@ def high_norm_tokens(norms: torch.Tensor, factor: float = 2.0) -> torch.Tensor:
 # Plot helpers (each returns a matplotlib Figure)
 # ---------------------------------------------------------------------------------------------
 def to_display(image) -> np.ndarray:
-    """PIL image, [3, H, W] tensor (ImageNet-normalised or in [0, 1]) or HxWx3 array -> HxWx3 floats in [0, 1]."""
+    """PIL image, [3, H, W] tensor (ImageNet-normalised or in [0, 1]) or HxWx3 array -> HxWx3 floats in [0, 1].
+
+    A dataset item (image, label, ...) is accepted too: its first element is shown.
+    """
+    if isinstance(image, (tuple, list)):
+        image = image[0]
     if isinstance(image, torch.Tensor):
         x = image.detach().float().cpu()
         if x.ndim != 3 or x.shape[0] != 3:
@@ -283,6 +288,8 @@ def plot_norm_histograms(norms: dict, factor: float = 2.0, bins: int = 50, size:
 
 def plot_retrieval(query_images, database_images, indices, scores=None, query_labels=None, database_labels=None, size: float = 1.6):
     """One row per query: the query, then its neighbours (indices [Q, k] into database_images) -> Figure.
+
+    query_images / database_images: sequences of images or datasets of (image, label, ...) items.
 
     With labels, neighbours of the query's class get a green frame, others red.
     """

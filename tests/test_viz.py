@@ -136,7 +136,8 @@ def test_plot_helpers_return_figures():
     assert len(fig3.axes) == 4
     fig4 = plot_norm_histograms({"a": torch.rand(100), "b": torch.rand(100) + 1})
     assert len(fig4.axes) == 2 and "high-norm" in fig4.axes[0].get_title()
-    fig5 = plot_retrieval(images[:2], images, torch.tensor([[1, 2, 3], [0, 2, 3]]), scores=torch.rand(2, 3),
+    dataset = [(image, label) for image, label in zip(images, [0, 0, 1, 1])]  # items of a labelled dataset
+    fig5 = plot_retrieval(images[:2], dataset, torch.tensor([[1, 2, 3], [0, 2, 3]]), scores=torch.rand(2, 3),
                           query_labels=[0, 1], database_labels=[0, 0, 1, 1])
     assert len(fig5.axes) == 8
     for f in (fig, fig2, fig3, fig4, fig5):
