@@ -299,7 +299,7 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + DropPath(LS1(Attn(LN1 x))), then x + DropPath(LS2(FFN(LN2 x))).
 
-    The unit for FSDP sharding and activation checkpointing. forward_list runs several groups of
+    The unit for FSDP sharding and activation checkpointing. forward also runs several groups of
     sequences (crop sizes) with one call per token-wise layer and one attention call per group.
     """
 
@@ -330,16 +330,20 @@ class Block(nn.Module):
         scale = self._drop_path_scale(shapes, branch)
         return x + branch if scale is None else x + branch * scale
 
-    def forward_list(self, x: Tensor, shapes: list[tuple[int, int]], ropes: list, num_prefix: int) -> Tensor:
-        """x [sum_i B_i*T_i, D] (groups of B_i sequences of T_i tokens, concatenated) -> same shape."""
+    def forward(self, x: Tensor, shapes: list[tuple[int, int]] | None = None, ropes: list | None = None,
+                num_prefix: int = 1) -> Tensor:
+        """x [B, T, D] -> [B, T, D], or, with shapes = [(B_i, T_i), ...], x [sum_i B_i*T_i, D] (groups of B_i
+        sequences of T_i tokens, concatenated) -> same shape. ropes: one (sin, cos) or None per group.
+
+        Everything goes through forward (not a side method) so FSDP2 / checkpoint wrappers see every call.
+        """
+        if shapes is None:
+            batch, tokens, dim = x.shape
+            return self(x.reshape(batch * tokens, dim), [(batch, tokens)], ropes, num_prefix).view(x.shape)
+        ropes = ropes if ropes is not None else [None] * len(shapes)
         x = self._residual(x, self.ls1(self.attn.forward_list(self.norm1(x), shapes, ropes, num_prefix)), shapes)
         x = self._residual(x, self.ls2(self.mlp(self.norm2(x))), shapes)
         return x
-
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, num_prefix: int = 1) -> Tensor:
-        """x [B, T, D] -> [B, T, D]."""
-        batch, tokens, dim = x.shape
-        return self.forward_list(x.reshape(batch * tokens, dim), [(batch, tokens)], [rope], num_prefix).view(x.shape)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -476,7 +480,7 @@ class VisionTransformer(nn.Module):
         for i, block in enumerate(self.blocks[:stop]):
             if i > 0 and self.rope_embed is not None and self.rope_embed.augments:
                 ropes = self._ropes(grids)  # as the official student: fresh coordinate augmentation per block
-            x = block.forward_list(x, shapes, ropes, self.num_prefix_tokens)
+            x = block(x, shapes, ropes, self.num_prefix_tokens)
             if i in collect:
                 collected.append(x)
         return x, shapes, collected

@@ -378,3 +378,15 @@ def test_untied_local_cls_norm_applies_to_local_crops_in_training():
     model.eval()
     loc_eval = model.forward_features_list([torch.randn(1, 3, 56, 56), torch.randn(3, 3, 28, 28)])[1]
     assert torch.allclose(loc_eval["x_norm_clstoken"], model.norm(loc_eval["x_prenorm"][:, 0]), atol=1e-6)
+
+
+def test_every_block_call_goes_through_module_call_for_fsdp_hooks():
+    model = tiny(depth=3)
+    calls = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda module, args: calls.append(module))
+    model.forward_features_list([torch.randn(1, 3, 56, 56), torch.randn(2, 3, 28, 28)])
+    assert calls == list(model.blocks)  # one call per block for all crops together
+    calls.clear()
+    model.get_intermediate_layers(torch.randn(1, 3, 56, 56), n=[1])
+    assert calls == list(model.blocks[:2])
