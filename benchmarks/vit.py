@@ -4,7 +4,7 @@ Both models: 384 dim, 12 blocks, 6 heads, MLP 4x, LayerScale 1e-5, no registers,
 weights. Repeats are interleaved (dinolite, timm, dinolite, ...) so that load changes on a shared
 machine hit both; the median is reported per model and precision (fp32, bf16 autocast).
 
-    python benchmarks/vit.py [--batch 16] [--repeats 5] [--size 224] [--device cpu|cuda]
+    python benchmarks/vit.py [--batch 16] [--repeats 3] [--size 224] [--device cpu|cuda]
 """
 import argparse
 import statistics
@@ -33,7 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
