@@ -18,15 +18,18 @@ import torch.nn as nn
 from dinolite import distributed
 
 
-def _all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
-    if distributed.is_enabled():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
-
-
 def _global_logsumexp(x: torch.Tensor, dim) -> torch.Tensor:
-    """log(sum(exp(x))) over `dim` and over all ranks (the reduced dims are kept, size 1)."""
-    shift = _all_reduce_max_(x.amax(dim=dim, keepdim=True))
+    """log(sum(exp(x))) over `dim` and over all ranks (the reduced dims are kept, size 1).
+
+    A rank may hold no rows at all (iBOT: no masked patch in its images); it then contributes
+    nothing to the sums, and -inf to the max.
+    """
+    dims = (dim,) if isinstance(dim, int) else dim
+    if any(x.shape[d] == 0 for d in dims):
+        shift = x.new_full([1 if d in dims else n for d, n in enumerate(x.shape)], float("-inf"))
+    else:
+        shift = x.amax(dim=dim, keepdim=True)
+    shift = distributed.all_reduce_max_(shift)
     sum_exp = distributed.all_reduce_sum_(torch.exp(x - shift).sum(dim=dim, keepdim=True))
     return torch.log(sum_exp) + shift
 
@@ -35,7 +38,7 @@ def _global_logsumexp(x: torch.Tensor, dim) -> torch.Tensor:
 def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
     """Sinkhorn-Knopp teacher targets: teacher_logits [B, K] -> probabilities [B, K] (fp32).
 
-    Same result as the official algorithm (B = global batch, the K x B matrix Q):
+    Same result as the official algorithm (B = rows over all ranks, the K x B matrix Q):
 
         Q = exp(t / T)^T;  Q /= sum(Q)
         repeat n_iterations: Q /= row sums (per prototype, over all ranks); Q /= K
@@ -56,7 +59,9 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     if n_iterations < 0 or int(n_iterations) != n_iterations:
         raise ValueError(f"n_iterations must be a non-negative integer, got {n_iterations}")
     local_batch, num_prototypes = teacher_logits.shape
-    global_batch = local_batch * distributed.get_world_size()
+    # B is the number of rows over all ranks, counted rather than assumed to be local * world:
+    # ranks hold different numbers of masked patches when this centres iBOT targets.
+    global_batch = int(distributed.all_reduce_sum_(torch.tensor(local_batch, dtype=torch.int64)))
     log_q = teacher_logits.float().t() / teacher_temp  # [K, B]
     log_q = log_q - _global_logsumexp(log_q, dim=(0, 1))  # Q /= sum(Q)
     for _ in range(int(n_iterations)):

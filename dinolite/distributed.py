@@ -28,6 +28,13 @@ def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max_(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Element-wise maximum of `tensor` over all processes, in place. Returns it for chaining."""
+    if is_enabled():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, group):

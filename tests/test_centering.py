@@ -154,7 +154,10 @@ def _distributed_worker(rank, world_size, logits):
     center(local, 0.1)
     center.update(local)
     probs = center(local, 0.1)
-    return sk, center.center.clone(), probs
+    # iBOT: ranks hold different numbers of masked patches (4 and 8 rows; then 0 and 12).
+    uneven = sinkhorn_knopp(logits[:4] if rank == 0 else logits[4:13], 0.04, 3)
+    empty = sinkhorn_knopp(logits[:0] if rank == 0 else logits, 0.04, 3)
+    return sk, center.center.clone(), probs, uneven, empty
 
 
 def test_distributed_two_ranks_equal_one_rank():
@@ -163,10 +166,14 @@ def test_distributed_two_ranks_equal_one_rank():
     results = run_distributed(_distributed_worker, world_size=2, args=(logits,))
     sk_full = sinkhorn_knopp(logits, 0.04, 3)
     torch.testing.assert_close(torch.cat([r[0] for r in results]), sk_full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat([r[3] for r in results]), sinkhorn_knopp(logits[:13], 0.04, 3),
+                               atol=1e-5, rtol=0)
+    assert results[0][4].shape == (0, 32)
+    torch.testing.assert_close(results[1][4], sk_full, atol=1e-5, rtol=0)
     center = SoftmaxCenter(32, momentum=0.9)
     center(logits, 0.1)
     center.update(logits)
     probs_full = center(logits, 0.1)
-    for _, rank_center, _ in results:
+    for _, rank_center, *_ in results:
         torch.testing.assert_close(rank_center, center.center)
     torch.testing.assert_close(torch.cat([r[2] for r in results]), probs_full)
