@@ -29,6 +29,7 @@ MICRO = [
     "crops.n_local=2", "train.batch_size=8", "train.epochs=2", "train.epoch_length=3",
     "train.knn_every=0", "train.monitor_every=3", "train.log_every=1", "train.progress=false",
     "train.checkpoint_every=2", "train.keep_last=2", "optim.warmup_epochs=1", "loss.warmup_teacher_temp_epochs=1",
+    "train.num_workers=0", "head.share_heads=false", "model.layerscale_init=1e-5", "optim.base_lr=0.004",
 ]
 DATA_SPEC = "builtin:n=48,size=32"
 
@@ -92,7 +93,7 @@ def test_param_groups_cover_every_parameter_once(share):
 def test_schedule_values_at_chosen_steps():
     cfg = apply_overrides(get_config("tiny-cpu"), [
         "optim.base_lr=0.004", "optim.warmup_epochs=1", "optim.min_lr=1e-6", "optim.freeze_last_layer_epochs=1",
-        "loss.warmup_teacher_temp_epochs=3"])
+        "loss.warmup_teacher_temp_epochs=3", "optim.momentum_teacher=0.99", "optim.final_momentum_teacher=1.0"])
     total, epoch, batch = 100, 10, 64
     peak = 0.004 * math.sqrt(64 / 1024)  # = 0.001
     v = lambda s: schedule_values(cfg, s, total, epoch, batch)  # noqa: E731

@@ -11,7 +11,7 @@ from dinolite.train.__main__ import main
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "head.dino_out_dim=64", "head.ibot_out_dim=64",
         "head.hidden_dim=64", "head.bottleneck_dim=32", "crops.n_local=2", "train.batch_size=8", "train.epochs=1",
         "train.epoch_length=3", "train.knn_every=3", "train.knn_train_size=24", "train.knn_test_size=12",
-        "train.checkpoint_every=2", "train.log_every=1", "train.monitor_every=3"]
+        "train.checkpoint_every=2", "train.log_every=1", "train.monitor_every=3", "train.num_workers=0"]
 
 
 def test_cli_trains_logs_checkpoints_and_exports(tmp_path):

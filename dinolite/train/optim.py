@@ -74,7 +74,8 @@ def build_optimizer(student: nn.Module, cfg: Config) -> torch.optim.AdamW:
     groups = build_param_groups(student, cfg.model.depth, cfg.optim.layerwise_decay,
                                 cfg.optim.patch_embed_lr_mult)
     # lr and weight decay are overwritten every step by apply_schedule_.
-    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0,
+    # foreach: one kernel per group and op instead of one per tensor (many small tensors here).
+    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, foreach=True,
                              betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
 
 
