@@ -247,3 +247,32 @@ def test_extract_features_matches_direct_forward():
     assert model.training
     with pytest.raises(ValueError, match="multiple of the patch size"):
         extract_features(model, torch.randn(2, 3, 9, 8), progress=False)
+
+
+def test_extract_features_with_a_vision_transformer():
+    from dinolite.models import vit_tiny
+
+    torch.manual_seed(0)
+    model = vit_tiny(img_size=32, patch_size=8, depth=2, num_register_tokens=4)
+    images = torch.randn(5, 3, 32, 48)
+    out = extract_features(model, images, batch_size=2, patch_tokens=True, n_last_layers=1, progress=False)
+    direct = model.eval().forward_features(images)
+    torch.testing.assert_close(out["cls"], direct["x_norm_clstoken"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["patch"].reshape(5, 24, -1), direct["x_norm_patchtokens"], atol=1e-5, rtol=1e-5)
+    # the last block's normalised output is the final feature
+    torch.testing.assert_close(out["layer_cls"][:, 0], out["cls"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["layer_patch"][:, 0], out["patch"], atol=1e-5, rtol=1e-5)
+
+
+def test_image_to_tensor():
+    from PIL import Image
+
+    from dinolite.eval import image_to_tensor
+
+    image = Image.new("RGB", (50, 30), (124, 116, 104))  # ~ the ImageNet mean colour
+    x = image_to_tensor(image, (16, 24), patch_size=8)
+    assert x.shape == (3, 16, 24)
+    expected = (torch.tensor([124, 116, 104]) / 255 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(x[:, 5, 5], expected, atol=1e-2, rtol=0)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        image_to_tensor(image, 30, patch_size=14)
