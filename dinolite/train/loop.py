@@ -232,6 +232,11 @@ def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | 
     device = resolve_device(device or t.device)
     progress = t.progress if progress is None else progress
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    if world_size > 1:
+        # The losses, data sharding and seeds are rank-aware, but nothing here synchronises the
+        # student's gradients: that is the job of the data-parallel / FSDP2 wrapper (scale/).
+        raise NotImplementedError("dinolite.train.train runs in a single process; wrap the student for "
+                                  f"data-parallel training before using {world_size} processes")
     is_main = rank == 0
     dataset = build_dataset(data) if isinstance(data, str) else data
     if knn_data == "auto":
