@@ -1,0 +1,48 @@
+"""The short tiny-cpu run must really train: schedules measured in steps of *this* run.
+
+A recipe of a few hundred steps inherits DINOv2 lengths given in epochs; if an "epoch" were
+longer than the run, the lr would still be warming up at the end, the prototype layer would be
+frozen throughout, or the teacher temperature would never reach its final value.
+"""
+import torch
+
+from dinolite.ema import ema_update_
+from dinolite.train import get_config
+from dinolite.train.optim import schedule_values
+
+
+def _values(cfg):
+    total, epoch_length = cfg.total_steps, cfg.train.epoch_length
+    batch = cfg.train.batch_size
+    return [schedule_values(cfg, s, total, epoch_length, batch) for s in range(total)]
+
+
+def test_tiny_cpu_schedules_fit_inside_the_run():
+    cfg = get_config("tiny-cpu")
+    values = _values(cfg)
+    total = cfg.total_steps
+    peak = cfg.optim.base_lr * (cfg.train.batch_size / 1024) ** 0.5
+    # warm-up ends in the first quarter of the run and reaches the sqrt-scaled peak
+    assert max(v.lr for v in values[: total // 4 + 1]) == max(v.lr for v in values)
+    assert abs(max(v.lr for v in values) - peak) < 1e-9
+    # the prototype layer trains for at least 80% of the run, with the backbone's lr once unfrozen
+    first_unfrozen = next(s for s, v in enumerate(values) if v.last_layer_lr > 0)
+    assert first_unfrozen <= total // 5
+    assert all(v.last_layer_lr == 0 for v in values[:first_unfrozen])
+    assert all(v.last_layer_lr == v.lr for v in values[first_unfrozen:])
+    # the teacher temperature reaches its final value before half of the run
+    assert abs(values[total // 2].teacher_temp - cfg.loss.teacher_temp) < 1e-12
+    assert values[0].teacher_temp == cfg.loss.warmup_teacher_temp
+    # the teacher momentum rises from its start towards its end, never reaching 1 inside the run
+    assert abs(values[0].momentum - cfg.optim.momentum_teacher) < 1e-12
+    assert values[0].momentum < values[-1].momentum < 1.0
+
+
+def test_ema_moves_the_teacher_towards_the_student():
+    teacher, student = torch.nn.Linear(2, 2, bias=False), torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        teacher.weight.fill_(1.0)
+        student.weight.fill_(0.0)
+    ema_update_(teacher, student, momentum=0.9)  # teacher = 0.9 * teacher + 0.1 * student
+    assert torch.allclose(teacher.weight, torch.full((2, 2), 0.9))
+    assert torch.equal(student.weight, torch.zeros(2, 2))
