@@ -169,17 +169,49 @@ def test_synthetic_shapes_speed():
     assert time.perf_counter() - start < 6.0  # i.e. 10k images in well under a minute
 
 
+def test_synthetic_shapes_plain_style_solid_shapes_on_smooth_gradients():
+    full = SyntheticShapes(num_images=60, image_size=32, seed=0, return_mask=True)
+    plain = SyntheticShapes(num_images=60, image_size=32, seed=0, return_mask=True, style="plain")
+    again = SyntheticShapes(num_images=500, image_size=32, seed=0, style="plain")
+    assert full.style == "full" and plain.style == "plain"
+    full_rough, plain_rough = [], []
+    for i in range(len(plain)):
+        image, label, mask = plain[i]
+        assert label == i % 12 and set(mask.unique().tolist()) == {0, label + 1}
+        pixels = np.asarray(image).astype(np.int64)
+        inside = mask.numpy() > 0
+        assert len(np.unique(pixels[inside], axis=0)) == 1  # one solid colour on the shape
+        np.testing.assert_array_equal(again.generate(i)[0], pixels)  # deterministic, independent of length
+        # A linear gradient has (almost) zero second differences away from the shape's edges.
+        for ds, rough in ((plain, plain_rough), (full, full_rough)):
+            image, _, mask = ds.generate(i)
+            outside = mask == 0
+            away = outside[:, :-2] & outside[:, 1:-1] & outside[:, 2:]
+            image = image.astype(np.int64)
+            second = np.abs(image[:, :-2] - 2 * image[:, 1:-1] + image[:, 2:]).max(-1)
+            rough.append(second[away].max())
+    assert max(plain_rough) <= 2  # uint8 rounding only: no texture, no noise
+    assert np.median(full_rough) > 20  # the full style has textures and noise
+    assert not np.array_equal(plain.generate(0)[0], full.generate(0)[0])
+    with pytest.raises(ValueError, match="full, plain"):
+        SyntheticShapes(num_images=4, style="easy")
+
+
 def test_build_dataset_specs(tmp_path):
     ds = build_dataset("builtin")
     assert isinstance(ds, SyntheticShapes) and (len(ds), ds.image_size, ds.seed) == (10000, 64, 0)
     ds = build_dataset("builtin:n=20,size=32,seed=3", return_mask=True)
-    assert (len(ds), ds.image_size, ds.seed, ds.return_mask) == (20, 32, 3, True)
+    assert (len(ds), ds.image_size, ds.seed, ds.return_mask, ds.style) == (20, 32, 3, True, "full")
+    ds = build_dataset("builtin:n=20,size=32,style=plain")
+    assert ds.style == "plain" and np.array_equal(ds.generate(5)[0],
+                                                  SyntheticShapes(20, 32, 0, style="plain").generate(5)[0])
     save(photo(0), tmp_path / "pics" / "a" / "x.png")
     save(photo(1), tmp_path / "pics" / "b" / "y.png")
     for spec in (f"folder:{tmp_path / 'pics'}", str(tmp_path / "pics")):
         ds = build_dataset(spec)
         assert isinstance(ds, ImageFolderDataset) and ds.classes == ["a", "b"]
     for bad, message in [("builtin:n=ten", "integer"), ("builtin:images=5", "unknown builtin option"),
+                         ("builtin:style=easy", "style must be one of full, plain"),
                          ("imagenet:/data", "not a known dataset"), ("folder:", "needs a path"), ("", "empty")]:
         with pytest.raises(ValueError, match=message) as info:
             build_dataset(bad)

@@ -273,6 +273,10 @@ class SyntheticShapes(torch.utils.data.Dataset):
     noise), scale, position and rotation, on a background (linear gradient, texture, or
     noise). The class is recognisable from the silhouette alone.
 
+    style="plain" is an easier variant for short CPU runs: one solid shape colour on a smooth
+    two-colour gradient, no texture and no noise (same classes, geometry ranges and
+    determinism). style="full" (the default) is the variant described above.
+
     Returns (image, label), or (image, label, mask) with return_mask=True: mask is a
     LongTensor [H, W] with 0 for background and label + 1 on the shape. The mask is for the
     untransformed image; use a geometry-preserving transform (e.g. EvalTransform(None, None))
@@ -281,11 +285,15 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
     classes = SHAPE_CLASSES
     num_classes = len(SHAPE_CLASSES)
+    styles = ("full", "plain")
 
     def __init__(self, num_images: int = 10000, image_size: int = 64, seed: int = 0, transform=None,
-                 return_mask: bool = False):
+                 return_mask: bool = False, style: str = "full"):
         if num_images < 1 or image_size < 8:
             raise ValueError(f"SyntheticShapes needs num_images >= 1 and image_size >= 8, got {num_images}, {image_size}")
+        if style not in self.styles:
+            raise ValueError(f"SyntheticShapes style must be one of {', '.join(self.styles)}, got {style!r}")
+        self.style = style
         self.num_images, self.image_size, self.seed = int(num_images), int(image_size), int(seed)
         self.transform, self.return_mask = transform, return_mask
         coords = np.arange(self.image_size, dtype=np.float32) + 0.5
@@ -301,6 +309,8 @@ class SyntheticShapes(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, i])
         size, xx, yy = self.image_size, self._xx, self._yy
         label = i % self.num_classes
+        if self.style == "plain":
+            return self._generate_plain(rng, label)
 
         # Background: a gradient between two colours, or a two-colour texture, plus mild noise.
         bg_a, bg_b = rng.uniform(0, 1, 3).astype(np.float32), rng.uniform(0, 1, 3).astype(np.float32)
@@ -339,6 +349,35 @@ class SyntheticShapes(torch.utils.data.Dataset):
         mask = inside.astype(np.int64) * (label + 1)
         return image, label, mask
 
+    def _shape_inside(self, rng, label):
+        """Silhouette of class `label` at a random radius (20-45% of the image), position and rotation: bool [S,S]."""
+        size, xx, yy = self.image_size, self._xx, self._yy
+        radius = rng.uniform(0.2, 0.45) * size
+        cx, cy = rng.uniform(radius, size - radius, 2)
+        theta = rng.uniform(0, 2 * np.pi)
+        c, s = np.float32(np.cos(theta) / radius), np.float32(np.sin(theta) / radius)
+        dx, dy = xx - np.float32(cx), yy - np.float32(cy)
+        return _shape_mask(label, dx * c + dy * s, dy * c - dx * s)
+
+    def _generate_plain(self, rng, label):
+        """style="plain": a solid-colour shape on a noise-free linear gradient between two colours."""
+        size, xx, yy = self.image_size, self._xx, self._yy
+        bg_a, bg_b = rng.uniform(0, 1, 3).astype(np.float32), rng.uniform(0, 1, 3).astype(np.float32)
+        angle = rng.uniform(0, 2 * np.pi)
+        t = xx * np.float32(np.cos(angle) / size) + yy * np.float32(np.sin(angle) / size)
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+        background = bg_a + (bg_b - bg_a) * t[..., None]
+        bg_mean = (bg_a + bg_b) / 2
+        colour = rng.uniform(0, 1, 3).astype(np.float32)
+        for _ in range(20):  # a colour far from the background's mean colour
+            if np.linalg.norm(colour - bg_mean) >= 0.45:
+                break
+            colour = rng.uniform(0, 1, 3).astype(np.float32)
+        inside = self._shape_inside(rng, label)
+        image = np.where(inside[..., None], colour, background)
+        image = (np.clip(image, 0, 1) * np.float32(255) + np.float32(0.5)).astype(np.uint8)
+        return image, label, inside.astype(np.int64) * (label + 1)
+
     def __getitem__(self, i):
         image, label, mask = self.generate(i)
         image = Image.fromarray(image)
@@ -354,7 +393,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------------------
 
 DATA_SPEC_FORMS = (
-    "builtin  |  builtin:n=2000,size=64,seed=0   (SyntheticShapes, no download)",
+    "builtin  |  builtin:n=2000,size=64,seed=0,style=plain   (SyntheticShapes, no download; style full|plain)",
     "folder:PATH  or an existing directory PATH   (images, optionally one subfolder per class)",
     "cifar10:ROOT   (torchvision CIFAR-10 already downloaded under ROOT)",
     "stl10:ROOT     (torchvision STL-10 train+unlabeled under ROOT)",
@@ -377,18 +416,24 @@ def build_dataset(spec: str, transform=None, train: bool = True, return_mask: bo
     spec = spec.strip()
     kind, _, arg = spec.partition(":")
     if kind == "builtin":
-        options = {"n": 10000, "size": 64, "seed": 0}
+        options = {"n": 10000, "size": 64, "seed": 0, "style": "full"}
         for item in filter(None, arg.split(",")):
             key, eq, value = item.partition("=")
             key = key.strip()
             if not eq or key not in options:
-                raise _spec_error(spec, f"unknown builtin option {item!r} (options: n, size, seed)")
+                raise _spec_error(spec, f"unknown builtin option {item!r} (options: n, size, seed, style)")
+            if key == "style":
+                if value.strip() not in SyntheticShapes.styles:
+                    raise _spec_error(spec, f"builtin style must be one of {', '.join(SyntheticShapes.styles)}, "
+                                            f"got {value!r}")
+                options[key] = value.strip()
+                continue
             try:
                 options[key] = int(value)
             except ValueError:
                 raise _spec_error(spec, f"builtin option {key} must be an integer, got {value!r}") from None
         return SyntheticShapes(num_images=options["n"], image_size=options["size"], seed=options["seed"],
-                               transform=transform, return_mask=return_mask)
+                               transform=transform, return_mask=return_mask, style=options["style"])
     if kind in ("folder", "cifar10", "stl10", "imagenette"):
         if not arg:
             raise _spec_error(spec, f"{kind} needs a path after the colon")
