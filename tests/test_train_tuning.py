@@ -46,3 +46,17 @@ def test_ema_moves_the_teacher_towards_the_student():
     ema_update_(teacher, student, momentum=0.9)  # teacher = 0.9 * teacher + 0.1 * student
     assert torch.allclose(teacher.weight, torch.full((2, 2), 0.9))
     assert torch.equal(student.weight, torch.zeros(2, 2))
+
+
+def test_knn_splits_follow_the_training_data_style():
+    from dinolite.data import SyntheticShapes
+    from dinolite.train.loop import knn_datasets
+
+    cfg = get_config("tiny-cpu")
+    for style in SyntheticShapes.styles:
+        data = SyntheticShapes(40, 32, seed=3, style=style)
+        train_set, test_set = knn_datasets(data, cfg)
+        assert train_set.style == style and test_set.style == style
+        # the kNN memory holds the training images themselves, resized to the global crop size
+        torch.testing.assert_close(train_set[5][0], SyntheticShapes(40, 32, seed=3, style=style,
+                                                                     transform=train_set.transform)[5][0])

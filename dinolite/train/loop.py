@@ -136,8 +136,10 @@ def knn_datasets(data, cfg: Config):
     if isinstance(data, SyntheticShapes):
         n_train = t.knn_train_size or len(data)
         n_test = t.knn_test_size or max(1, len(data) // 5)
-        train_set = SyntheticShapes(min(n_train, len(data)), data.image_size, data.seed, transform=transform)
-        test_set = SyntheticShapes(n_test, data.image_size, data.seed + 1_000_003, transform=transform)
+        train_set = SyntheticShapes(min(n_train, len(data)), data.image_size, data.seed, transform=transform,
+                                    style=data.style)
+        test_set = SyntheticShapes(n_test, data.image_size, data.seed + 1_000_003, transform=transform,
+                                   style=data.style)
         return train_set, test_set
     if isinstance(data, str) and data.split(":")[0] in ("cifar10", "stl10", "imagenette"):
         train_set = build_dataset(data, transform=transform, train=True)
