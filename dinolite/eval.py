@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from dinolite.models import check_image_size
+from dinolite.schedules import cosine_schedule
+
 
 # ---------------------------------------------------------------------------------------------
 # Feature extraction
@@ -36,11 +39,8 @@ def image_to_tensor(image, size: int | tuple = 224, patch_size: int | None = Non
     from dinolite.data.augment import normalize, to_float_tensor
 
     h, w = (size, size) if isinstance(size, int) else size
-    if patch_size is not None and (h % patch_size or w % patch_size):
-        raise ValueError(
-            f"image size {(h, w)} is not a multiple of the patch size {patch_size}; use e.g. "
-            f"{(h // patch_size * patch_size, w // patch_size * patch_size)}"
-        )
+    if patch_size is not None:
+        check_image_size(h, w, patch_size)
     x = TF.resize(to_float_tensor(image), [h, w], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     return normalize(x.clamp(0, 1))
 
@@ -114,10 +114,8 @@ def extract_features(
         images, labels, masks = _split_batch(batch)
         images = images.to(device, non_blocking=True)
         B, _, H, W = images.shape
-        p = model.patch_size
-        if H % p or W % p:
-            raise ValueError(f"image size {(H, W)} is not a multiple of the patch size {p}: resize or crop the images")
-        h, w = H // p, W // p
+        check_image_size(H, W, model.patch_size)
+        h, w = H // model.patch_size, W // model.patch_size
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model.forward_features(images)
             add("cls", out["x_norm_clstoken"])
@@ -254,7 +252,7 @@ def _train_linear_sweep(x, y, num_classes, lrs, weight_decays, epochs, seed, pro
         logits = torch.einsum("nd,gdc->gnc", x, weight) + bias[:, None, :]
         loss = F.cross_entropy(logits.reshape(-1, num_classes), y.repeat(G), reduction="sum") / x.shape[0]
         grads = torch.autograd.grad(loss, (weight, bias))
-        lr = lr0 * 0.5 * (1 + math.cos(math.pi * (step - 1) / epochs))
+        lr = lr0 * cosine_schedule(step - 1, epochs, start=1.0, end=0.0)
         with torch.no_grad():
             for p, g, (m, v), decay in ((weight, grads[0], state[0], wd), (bias, grads[1], state[1], torch.zeros_like(wd))):
                 shape = (G,) + (1,) * (p.ndim - 1)
