@@ -19,7 +19,7 @@ import torch
 
 from dinolite import distributed
 from dinolite.ema import ema_update_
-from dinolite.monitor import CollapseMonitor, check_teacher, collapse_metrics
+from dinolite.monitor import CollapseMonitor, check_teacher
 from dinolite.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dinolite.train.config import Config, config_diff, config_from_dict, config_to_dict, load_config, save_config
 from dinolite.train.data import _MODEL, StepBatches, derive_seed, move_batch
@@ -325,12 +325,11 @@ def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | 
                                     ibot=f"{record['ibot']:.3f}", koleo=f"{record['koleo']:.3f}",
                                     img_s=f"{record['images_per_s']:.0f}")
             if t.monitor_every and (done % t.monitor_every == 0 or done == end_step):
-                metrics = collapse_metrics(out["teacher_probs"], out["student_logits"], cfg.loss.student_temp,
-                                           out["student_cls"])
-                logger.log({"step": done, **{f"monitor/{k}": v for k, v in metrics.items()}})
                 message = monitor.update(loss=out["dino"].item(), teacher_probs=out["teacher_probs"],
                                          student_logits=out["student_logits"], features=out["student_cls"],
                                          step=done)
+                metrics = {k: v for k, v in monitor.history[-1].items() if k not in ("step", "loss")}
+                logger.log({"step": done, **{f"monitor/{k}": v for k, v in metrics.items()}})
                 if message and is_main:
                     warnings.warn(message, stacklevel=2)
             if t.knn_every and done % t.knn_every == 0 and done != end_step:
