@@ -13,10 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "book").glob("*.ipynb"))
 
 
-def _requirement_name(req: str) -> str:
-    return re.split(r"[<>=!~ \[]", req, maxsplit=1)[0].lower()
-
-
 def test_environment_yml_pins_equal_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pyproject = set(project["dependencies"])
