@@ -24,6 +24,9 @@ def test_recipes_build_and_validate(name):
 def test_recipe_values():
     tiny = get_config("tiny-cpu")
     assert tiny.crops.global_size % tiny.model.patch_size == 0
+    # DINOv2's blur sigma (0.1-2 px at 224 px) scaled to the 32 px crops
+    assert (tiny.crops.blur_sigma_min, tiny.crops.blur_sigma_max) == (round(0.1 * 32 / 224, 4), round(2 * 32 / 224, 4))
+    assert (get_config("vitb14-imagenet").crops.blur_sigma_min, get_config("vitb14-imagenet").crops.blur_sigma_max) == (0.1, 2.0)
     assert tiny.train.device == "auto"
     base = get_config("vitb14-imagenet")
     # DINOv2 recipe numbers (REFERENCE.md "Training recipe").
@@ -85,6 +88,7 @@ def test_unknown_key_names_key_and_suggests():
     ("model.num_heads=5", r"'model.num_heads'"),
     ("train.precision=fp16", r"'train.precision'"),
     ("loss.gram_weight=1.0", r"'loss.gram_weight'"),
+    ("crops.blur_sigma_min=3.0", r"'crops.blur_sigma_max': need 0 < blur_sigma_min <= blur_sigma_max"),
 ])
 def test_bad_values_name_the_key(override, pattern):
     with pytest.raises(ValueError, match=pattern):

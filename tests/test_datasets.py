@@ -1,4 +1,5 @@
-"""Datasets: image folders with broken files, torchvision wrappers, SyntheticShapes, specs, loaders."""
+"""Datasets: image folders with broken files, torchvision wrappers, SyntheticShapes and
+SyntheticTextures, specs, loaders."""
 import time
 import warnings
 
@@ -9,10 +10,12 @@ from PIL import Image
 
 from dinolite.data import (
     SHAPE_CLASSES,
+    TEXTURE_CLASSES,
     EvalTransform,
     ImageFolderDataset,
     MultiCropAugmentation,
     SyntheticShapes,
+    SyntheticTextures,
     build_dataset,
     make_loader,
 )
@@ -197,6 +200,53 @@ def test_synthetic_shapes_plain_style_solid_shapes_on_smooth_gradients():
         SyntheticShapes(num_images=4, style="easy")
 
 
+def test_synthetic_textures_deterministic_balanced_gray():
+    a, b = SyntheticTextures(60, 32, seed=0), SyntheticTextures(600, 32, seed=0)
+    for i in (0, 11, 59):
+        assert np.array_equal(a.generate(i)[0], b.generate(i)[0]) and a.generate(i)[1] == b.generate(i)[1]
+        assert not np.array_equal(a.generate(i)[0], SyntheticTextures(60, 32, seed=1).generate(i)[0])
+    labels = [a[i][1] for i in range(60)]
+    assert labels == [i % 12 for i in range(60)] and len(TEXTURE_CLASSES) == 12
+    image = np.asarray(a[5][0])
+    assert image.shape == (32, 32, 3) and np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 1], image[..., 2])
+    assert a.replace(seed=4).seed == 4 and a.replace(num_images=3).image_size == 32 and len(a.replace(num_images=3)) == 3
+    with pytest.raises(IndexError):
+        a.generate(60)
+    with pytest.raises(ValueError, match="image_size >= 8"):
+        SyntheticTextures(10, 4)
+
+
+def test_synthetic_textures_patterns_have_their_class_structure():
+    """Mean |vertical| vs |horizontal| pixel differences separate stripe directions; the
+    gradient class has no edges; every patterned class has two well separated gray levels."""
+    ds = SyntheticTextures(12 * 20, 64, seed=2)
+    by_class = {name: [] for name in TEXTURE_CLASSES}
+    for i in range(len(ds)):
+        image, label = ds.generate(i)
+        g = image[..., 0].astype(np.float64) / 255
+        dy, dx = np.abs(np.diff(g, axis=0)).mean(), np.abs(np.diff(g, axis=1)).mean()
+        coarse = g.reshape(16, 4, 16, 4).mean(axis=(1, 3))  # 4x4 means: the pixel noise averages out
+        jump = max(np.abs(np.diff(coarse, axis=0)).max(), np.abs(np.diff(coarse, axis=1)).max())
+        by_class[TEXTURE_CLASSES[label]].append((dy, dx, np.percentile(g, 90) - np.percentile(g, 10), jump))
+    mean = {k: np.mean(v, axis=0) for k, v in by_class.items()}
+    assert mean["horizontal stripes"][0] > 2.5 * mean["horizontal stripes"][1]
+    assert mean["vertical stripes"][1] > 2.5 * mean["vertical stripes"][0]
+    assert 0.6 < mean["diagonal stripes"][0] / mean["diagonal stripes"][1] < 1.6
+    assert np.max(by_class["gradient"], axis=0)[3] < 0.12  # no edges: at most the ramp (<= 1/16 per step) + noise
+    assert min(m[3] for k, m in mean.items() if k != "gradient") > 0.2  # every pattern has edges
+    for name, (_, _, spread, _) in mean.items():
+        if name != "gradient":
+            assert spread > 0.2, name  # dark vs light level at least 0.2 apart
+
+
+def test_synthetic_textures_speed():
+    ds = SyntheticTextures(num_images=1000, image_size=32)
+    start = time.perf_counter()
+    for i in range(1000):
+        ds.generate(i)
+    assert time.perf_counter() - start < 3.0
+
+
 def test_build_dataset_specs(tmp_path):
     ds = build_dataset("builtin")
     assert isinstance(ds, SyntheticShapes) and (len(ds), ds.image_size, ds.seed) == (10000, 64, 0)
@@ -205,6 +255,10 @@ def test_build_dataset_specs(tmp_path):
     ds = build_dataset("builtin:n=20,size=32,style=plain")
     assert ds.style == "plain" and np.array_equal(ds.generate(5)[0],
                                                   SyntheticShapes(20, 32, 0, style="plain").generate(5)[0])
+    ds = build_dataset("textures:n=24,size=16,seed=5")
+    assert isinstance(ds, SyntheticTextures) and (len(ds), ds.image_size, ds.seed) == (24, 16, 5)
+    assert np.array_equal(ds.generate(3)[0], SyntheticTextures(24, 16, 5).generate(3)[0])
+    assert (len(build_dataset("textures")), build_dataset("textures").image_size) == (10000, 32)
     save(photo(0), tmp_path / "pics" / "a" / "x.png")
     save(photo(1), tmp_path / "pics" / "b" / "y.png")
     for spec in (f"folder:{tmp_path / 'pics'}", str(tmp_path / "pics")):
@@ -212,6 +266,7 @@ def test_build_dataset_specs(tmp_path):
         assert isinstance(ds, ImageFolderDataset) and ds.classes == ["a", "b"]
     for bad, message in [("builtin:n=ten", "integer"), ("builtin:images=5", "unknown builtin option"),
                          ("builtin:style=easy", "style must be one of full, plain"),
+                         ("textures:style=plain", "unknown textures option"), ("textures:n=1.5", "integer"),
                          ("imagenet:/data", "not a known dataset"), ("folder:", "needs a path"), ("", "empty")]:
         with pytest.raises(ValueError, match=message) as info:
             build_dataset(bad)

@@ -93,7 +93,8 @@ def test_param_groups_cover_every_parameter_once(share):
 def test_schedule_values_at_chosen_steps():
     cfg = apply_overrides(get_config("tiny-cpu"), [
         "optim.base_lr=0.004", "optim.warmup_epochs=1", "optim.min_lr=1e-6", "optim.freeze_last_layer_epochs=1",
-        "loss.warmup_teacher_temp_epochs=3", "optim.momentum_teacher=0.99", "optim.final_momentum_teacher=1.0"])
+        "loss.warmup_teacher_temp_epochs=3", "loss.warmup_teacher_temp=0.04", "loss.teacher_temp=0.07",
+        "optim.momentum_teacher=0.99", "optim.final_momentum_teacher=1.0"])
     total, epoch, batch = 100, 10, 64
     peak = 0.004 * math.sqrt(64 / 1024)  # = 0.001
     v = lambda s: schedule_values(cfg, s, total, epoch, batch)  # noqa: E731

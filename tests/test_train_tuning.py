@@ -60,3 +60,27 @@ def test_knn_splits_follow_the_training_data_style():
         # the kNN memory holds the training images themselves, resized to the global crop size
         torch.testing.assert_close(train_set[5][0], SyntheticShapes(40, 32, seed=3, style=style,
                                                                      transform=train_set.transform)[5][0])
+
+
+def test_knn_splits_of_the_textures_are_new_images_of_the_same_classes():
+    from dinolite.data import SyntheticTextures, build_dataset
+    from dinolite.train.loop import knn_datasets
+
+    cfg = get_config("tiny-cpu")
+    train_set, test_set = knn_datasets(build_dataset("textures:n=60,size=32,seed=2"), cfg)
+    assert isinstance(test_set, SyntheticTextures) and len(train_set) == 60 and len(test_set) == cfg.train.knn_test_size
+    assert [test_set[i][1] for i in range(12)] == list(range(12))
+    torch.testing.assert_close(train_set[7][0], SyntheticTextures(60, 32, seed=2, transform=train_set.transform)[7][0])
+    assert not torch.equal(train_set[7][0], test_set[7][0])
+
+
+def test_crop_config_sets_the_augmentation_blur():
+    from dinolite.train.data import build_augmentation
+
+    cfg = get_config("tiny-cpu")
+    augmentation = build_augmentation(cfg)
+    assert augmentation.blur_sigma == (cfg.crops.blur_sigma_min, cfg.crops.blur_sigma_max)
+    sigmas = [augmentation(torch.rand(3, 32, 32), generator=torch.Generator().manual_seed(seed),
+                           return_params=True)["params"]["global"][0]["blur_sigma"] for seed in range(20)]
+    assert all(cfg.crops.blur_sigma_min <= s <= cfg.crops.blur_sigma_max for s in sigmas)  # first crop: always blurred
+    assert max(sigmas) - min(sigmas) > 0.5 * (cfg.crops.blur_sigma_max - cfg.crops.blur_sigma_min)

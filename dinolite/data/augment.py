@@ -284,6 +284,8 @@ class MultiCropAugmentation:
                 raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, got {s}")
         if global_size < 1 or local_size < 1 or n_local < 0:
             raise ValueError(f"need global_size, local_size >= 1 and n_local >= 0, got {global_size}, {local_size}, {n_local}")
+        if not 0 < blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(f"blur_sigma must satisfy 0 < low <= high, got {tuple(blur_sigma)}")
         if blur_kernel_size % 2 != 1:
             raise ValueError(f"blur_kernel_size must be odd, got {blur_kernel_size}")
         self.global_size, self.local_size, self.n_local = int(global_size), int(local_size), int(n_local)

@@ -1,5 +1,5 @@
-"""Datasets: any image folder, torchvision datasets already on disk, and SyntheticShapes,
-a built-in labelled dataset with segmentation masks that needs no download.
+"""Datasets: any image folder, torchvision datasets already on disk, and two built-in labelled
+datasets that need no download: SyntheticShapes (with segmentation masks) and SyntheticTextures.
 
 Every dataset returns (image, label) with image a PIL RGB image (or ``transform(image)``)
 and label an int (-1 when unknown). ``build_dataset(spec)`` parses the CLI ``--data`` string;
@@ -302,6 +302,13 @@ class SyntheticShapes(torch.utils.data.Dataset):
     def __len__(self):
         return self.num_images
 
+    def replace(self, **changes) -> "SyntheticShapes":
+        """The same generator with some arguments changed (e.g. a held-out split: another seed)."""
+        kwargs = dict(num_images=self.num_images, image_size=self.image_size, seed=self.seed,
+                      transform=self.transform, return_mask=self.return_mask, style=self.style)
+        kwargs.update(changes)
+        return SyntheticShapes(**kwargs)
+
     def generate(self, i: int):
         """Item i as numpy: (image uint8 [S,S,3], label int, mask int64 [S,S])."""
         if not 0 <= i < self.num_images:
@@ -389,11 +396,131 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
 
 # --------------------------------------------------------------------------------------
+# SyntheticTextures
+# --------------------------------------------------------------------------------------
+
+TEXTURE_CLASSES = ("horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard",
+                   "diamond checkerboard", "dots", "grid", "rings", "waves", "zigzag", "blobs", "gradient")
+
+
+def _texture_field(name, rng, x, y):
+    """Binary (or smooth, for "gradient") pattern in [0, 1] of class `name`.
+
+    x, y: pixel-centre coordinates in units of the image size ([0, 1]). The period (12-30% of
+    the image), the phase and a tilt of up to 15 degrees are random. Every class looks the same
+    under a horizontal flip (a flipped diagonal is still a diagonal), so flips never change it.
+    """
+    period = rng.uniform(0.12, 0.3)
+    phase_u, phase_v = rng.uniform(0, 1, 2)
+    tilt = rng.uniform(-np.pi / 12, np.pi / 12)  # +-15 degrees: a class's orientation varies a little
+    x, y = (x - 0.5) * np.cos(tilt) - (y - 0.5) * np.sin(tilt), (x - 0.5) * np.sin(tilt) + (y - 0.5) * np.cos(tilt)
+
+    def bars(t, phase):  # 1 on half of each period along t
+        return np.sin(2 * np.pi * (t / period + phase)) > 0
+
+    if name == "horizontal stripes":
+        field = bars(y, phase_u)
+    elif name == "vertical stripes":
+        field = bars(x, phase_u)
+    elif name == "diagonal stripes":
+        field = bars((x + (y if rng.random() < 0.5 else -y)) / np.sqrt(2), phase_u)
+    elif name == "checkerboard":
+        field = bars(x, phase_u) != bars(y, phase_v)
+    elif name == "diamond checkerboard":
+        field = bars((x + y) / np.sqrt(2), phase_u) != bars((x - y) / np.sqrt(2), phase_v)
+    elif name == "dots":
+        fx, fy = (x / period + phase_u) % 1 - 0.5, (y / period + phase_v) % 1 - 0.5
+        field = fx * fx + fy * fy < 0.3**2
+    elif name == "grid":
+        field = ((x / period + phase_u) % 1 < 0.25) | ((y / period + phase_v) % 1 < 0.25)
+    elif name == "rings":
+        cx, cy = rng.uniform(-0.3, 0.3, 2)
+        field = bars(np.hypot(x - cx, y - cy), phase_u)
+    elif name == "waves":
+        field = bars(y + 0.06 * np.sin(np.pi * x / period + 2 * np.pi * phase_v), phase_u)
+    elif name == "zigzag":
+        triangle = np.abs((x / (2 * period) + phase_v) % 1 - 0.5) * 1.6 * period
+        field = bars(y + triangle, phase_u)
+    elif name == "blobs":  # a thresholded smooth random field
+        coarse = rng.standard_normal((4, 4)).astype(np.float32)
+        size = x.shape[0]
+        field = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC)) > 0
+    elif name == "gradient":
+        angle = rng.uniform(0, 2 * np.pi)
+        t = np.cos(angle) * x + np.sin(angle) * y
+        return ((t - t.min()) / max(float(t.max() - t.min()), 1e-6)).astype(np.float32)
+    else:
+        raise AssertionError(name)
+    return field.astype(np.float32)
+
+
+class SyntheticTextures(torch.utils.data.Dataset):
+    """Built-in labelled gray-level pattern images, generated on the fly (no download).
+
+    Item i depends only on (seed, i): a pattern of class i % 12 (TEXTURE_CLASSES; exactly
+    balanced) in two random gray levels (one dark, one light, either way round), with a random
+    period, phase, tilt (and centre, direction or field where the class has one) and mild noise.
+
+    Every crop of an image shows its class, so this is the dataset on which a few hundred
+    CPU steps of self-supervised training visibly learn. The images are gray on purpose: with
+    random colours, the colour pair is the easiest feature that agrees across the crops of one
+    image, and a short run learns it first (colour says nothing about the class).
+
+    Returns (image, label); image is a PIL RGB image (or transform(image)).
+    """
+
+    classes = TEXTURE_CLASSES
+    num_classes = len(TEXTURE_CLASSES)
+
+    def __init__(self, num_images: int = 10000, image_size: int = 32, seed: int = 0, transform=None):
+        if num_images < 1 or image_size < 8:
+            raise ValueError(f"SyntheticTextures needs num_images >= 1 and image_size >= 8, "
+                             f"got {num_images}, {image_size}")
+        self.num_images, self.image_size, self.seed = int(num_images), int(image_size), int(seed)
+        self.transform = transform
+        coords = (np.arange(self.image_size, dtype=np.float32) + 0.5) / self.image_size
+        self._y, self._x = np.meshgrid(coords, coords, indexing="ij")  # [S, S] in (0, 1)
+
+    def __len__(self):
+        return self.num_images
+
+    def replace(self, **changes) -> "SyntheticTextures":
+        """The same generator with some arguments changed (e.g. a held-out split: another seed)."""
+        kwargs = dict(num_images=self.num_images, image_size=self.image_size, seed=self.seed,
+                      transform=self.transform)
+        kwargs.update(changes)
+        return SyntheticTextures(**kwargs)
+
+    def generate(self, i: int):
+        """Item i as numpy: (image uint8 [S, S, 3], label int)."""
+        if not 0 <= i < self.num_images:
+            raise IndexError(f"index {i} out of range for SyntheticTextures of length {self.num_images}")
+        rng = np.random.default_rng([self.seed, i, 7])
+        label = i % self.num_classes
+        field = _texture_field(TEXTURE_CLASSES[label], rng, self._x, self._y)
+        dark, light = rng.uniform(0.0, 0.4), rng.uniform(0.6, 1.0)
+        if rng.random() < 0.5:
+            dark, light = light, dark
+        gray = dark + (light - dark) * field
+        gray = gray + rng.standard_normal(gray.shape).astype(np.float32) * np.float32(0.03)
+        gray = (np.clip(gray, 0, 1) * 255 + 0.5).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1), label
+
+    def __getitem__(self, i):
+        image, label = self.generate(i)
+        image = Image.fromarray(image)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+# --------------------------------------------------------------------------------------
 # --data spec and DataLoader
 # --------------------------------------------------------------------------------------
 
 DATA_SPEC_FORMS = (
     "builtin  |  builtin:n=2000,size=64,seed=0,style=plain   (SyntheticShapes, no download; style full|plain)",
+    "textures |  textures:n=2000,size=32,seed=0   (SyntheticTextures, 12 gray pattern classes, no download)",
     "folder:PATH  or an existing directory PATH   (images, optionally one subfolder per class)",
     "cifar10:ROOT   (torchvision CIFAR-10 already downloaded under ROOT)",
     "stl10:ROOT     (torchvision STL-10 train+unlabeled under ROOT)",
@@ -403,6 +530,27 @@ DATA_SPEC_FORMS = (
 
 def _spec_error(spec, problem):
     return ValueError(f"bad --data spec {spec!r}: {problem}. Valid forms:\n  " + "\n  ".join(DATA_SPEC_FORMS))
+
+
+def _parse_options(spec: str, arg: str, defaults: dict, choices: dict) -> dict:
+    """"n=2000,size=32" -> defaults updated; integer options, or one of choices[key]."""
+    options = dict(defaults)
+    kind = spec.partition(":")[0]
+    for item in filter(None, arg.split(",")):
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or key not in options:
+            raise _spec_error(spec, f"unknown {kind} option {item!r} (options: {', '.join(options)})")
+        if key in choices:
+            if value not in choices[key]:
+                raise _spec_error(spec, f"{kind} {key} must be one of {', '.join(choices[key])}, got {value!r}")
+            options[key] = value
+            continue
+        try:
+            options[key] = int(value)
+        except ValueError:
+            raise _spec_error(spec, f"{kind} option {key} must be an integer, got {value!r}") from None
+    return options
 
 
 def build_dataset(spec: str, transform=None, train: bool = True, return_mask: bool = False):
@@ -416,24 +564,13 @@ def build_dataset(spec: str, transform=None, train: bool = True, return_mask: bo
     spec = spec.strip()
     kind, _, arg = spec.partition(":")
     if kind == "builtin":
-        options = {"n": 10000, "size": 64, "seed": 0, "style": "full"}
-        for item in filter(None, arg.split(",")):
-            key, eq, value = item.partition("=")
-            key = key.strip()
-            if not eq or key not in options:
-                raise _spec_error(spec, f"unknown builtin option {item!r} (options: n, size, seed, style)")
-            if key == "style":
-                if value.strip() not in SyntheticShapes.styles:
-                    raise _spec_error(spec, f"builtin style must be one of {', '.join(SyntheticShapes.styles)}, "
-                                            f"got {value!r}")
-                options[key] = value.strip()
-                continue
-            try:
-                options[key] = int(value)
-            except ValueError:
-                raise _spec_error(spec, f"builtin option {key} must be an integer, got {value!r}") from None
-        return SyntheticShapes(num_images=options["n"], image_size=options["size"], seed=options["seed"],
-                               transform=transform, return_mask=return_mask, style=options["style"])
+        o = _parse_options(spec, arg, {"n": 10000, "size": 64, "seed": 0, "style": "full"},
+                           {"style": SyntheticShapes.styles})
+        return SyntheticShapes(num_images=o["n"], image_size=o["size"], seed=o["seed"],
+                               transform=transform, return_mask=return_mask, style=o["style"])
+    if kind == "textures":
+        o = _parse_options(spec, arg, {"n": 10000, "size": 32, "seed": 0}, {})
+        return SyntheticTextures(num_images=o["n"], image_size=o["size"], seed=o["seed"], transform=transform)
     if kind in ("folder", "cifar10", "stl10", "imagenette"):
         if not arg:
             raise _spec_error(spec, f"{kind} needs a path after the colon")

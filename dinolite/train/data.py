@@ -35,6 +35,7 @@ def build_augmentation(cfg: Config) -> MultiCropAugmentation:
     return MultiCropAugmentation(
         global_size=c.global_size, local_size=c.local_size, n_local=c.n_local,
         global_scale=(c.global_scale_min, 1.0), local_scale=(c.local_scale_min, c.local_scale_max),
+        blur_sigma=(c.blur_sigma_min, c.blur_sigma_max),
     )
 
 

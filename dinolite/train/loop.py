@@ -121,27 +121,30 @@ def _check_resume_config(output_dir: str, cfg: Config) -> None:
 # kNN evaluation data
 
 
+_TORCHVISION_KINDS = ("cifar10", "stl10", "imagenette")  # --data kinds with their own test split
+
+
 def knn_datasets(data, cfg: Config):
     """(train, held-out) datasets of (image tensor, label) for kNN, or None when there are no labels.
 
-    Images are resized and centre-cropped to crops.global_size. Built-in SyntheticShapes: the
-    held-out split is the same generator with another seed (new images, same classes);
-    torchvision datasets: their test split.
+    Images are resized and centre-cropped to crops.global_size. Built-in SyntheticShapes and
+    SyntheticTextures: the held-out split is the same generator with another seed (new images,
+    same classes); torchvision datasets: their test split.
     """
-    from dinolite.data import EvalTransform, SyntheticShapes, build_dataset
+    from dinolite.data import EvalTransform, SyntheticShapes, SyntheticTextures, build_dataset
 
     size = cfg.crops.global_size
     transform = EvalTransform(resize_size=size, crop_size=size)
     t = cfg.train
-    if isinstance(data, SyntheticShapes):
+    if isinstance(data, (SyntheticShapes, SyntheticTextures)):
         n_train = t.knn_train_size or len(data)
         n_test = t.knn_test_size or max(1, len(data) // 5)
-        train_set = SyntheticShapes(min(n_train, len(data)), data.image_size, data.seed, transform=transform,
-                                    style=data.style)
-        test_set = SyntheticShapes(n_test, data.image_size, data.seed + 1_000_003, transform=transform,
-                                   style=data.style)
+        train_set = data.replace(num_images=min(n_train, len(data)), transform=transform)
+        test_set = data.replace(num_images=n_test, seed=data.seed + 1_000_003, transform=transform)
+        if isinstance(data, SyntheticShapes):
+            train_set.return_mask = test_set.return_mask = False
         return train_set, test_set
-    if isinstance(data, str) and data.split(":")[0] in ("cifar10", "stl10", "imagenette"):
+    if isinstance(data, str) and data.split(":")[0] in _TORCHVISION_KINDS:
         train_set = build_dataset(data, transform=transform, train=True)
         test_set = build_dataset(data, transform=transform, train=False)
         if t.knn_train_size:
@@ -242,8 +245,8 @@ def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | 
     is_main = rank == 0
     dataset = build_dataset(data) if isinstance(data, str) else data
     if knn_data == "auto":
-        knn_data = knn_datasets(data if isinstance(data, str) and ":" in data and not data.startswith("builtin")
-                                else dataset, cfg)
+        has_test_split = isinstance(data, str) and data.split(":")[0] in _TORCHVISION_KINDS
+        knn_data = knn_datasets(data if has_test_split else dataset, cfg)
     global_batch = t.batch_size * world_size
     epoch_length = t.epoch_length or max(1, len(dataset) // global_batch)
     total_steps = t.epochs * epoch_length
