@@ -60,6 +60,9 @@ def test_knn_splits_follow_the_training_data_style():
         # the kNN memory holds the training images themselves, resized to the global crop size
         torch.testing.assert_close(train_set[5][0], SyntheticShapes(40, 32, seed=3, style=style,
                                                                      transform=train_set.transform)[5][0])
+    # kNN items are (image, label) even when the training data carry masks
+    masked = SyntheticShapes(40, 32, seed=3, return_mask=True)
+    assert all(len(split[0]) == 2 for split in knn_datasets(masked, cfg))
 
 
 def test_knn_splits_of_the_textures_are_new_images_of_the_same_classes():

@@ -149,8 +149,9 @@ def _tiny_cpu() -> Config:
     every image gives almost the same [CLS] feature for the first thousands of steps), no drop
     path, K = 128 prototypes in one shared head, a higher base lr, teacher momentum 0.99 -> 0.999,
     a sharper teacher (temperature 0.02 throughout instead of 0.04 -> 0.07: early on the crops of
-    one image agree little, and with a softer teacher the targets drift to uniform), the blur sigma scaled to the crop size (DINOv2's 0.1-2 px is meant for 224 px crops; 2 px on a
-    32 px crop wipes out a pattern with a 6 px period), and fp32 (bf16 matmuls are emulated, slower
+    one image agree little, and with a softer teacher the targets drift to uniform), the blur
+    sigma scaled to the crop size (DINOv2's 0.1-2 px is meant for 224 px crops; 2 px on a 32 px
+    crop wipes out a pattern with a 6 px period), and fp32 (bf16 matmuls are emulated, slower
     than fp32, on CPUs without AVX512-BF16/AMX).
     """
     return Config(

@@ -139,10 +139,9 @@ def knn_datasets(data, cfg: Config):
     if isinstance(data, (SyntheticShapes, SyntheticTextures)):
         n_train = t.knn_train_size or len(data)
         n_test = t.knn_test_size or max(1, len(data) // 5)
-        train_set = data.replace(num_images=min(n_train, len(data)), transform=transform)
-        test_set = data.replace(num_images=n_test, seed=data.seed + 1_000_003, transform=transform)
-        if isinstance(data, SyntheticShapes):
-            train_set.return_mask = test_set.return_mask = False
+        no_masks = {"return_mask": False} if isinstance(data, SyntheticShapes) else {}
+        train_set = data.replace(num_images=min(n_train, len(data)), transform=transform, **no_masks)
+        test_set = data.replace(num_images=n_test, seed=data.seed + 1_000_003, transform=transform, **no_masks)
         return train_set, test_set
     if isinstance(data, str) and data.split(":")[0] in _TORCHVISION_KINDS:
         train_set = build_dataset(data, transform=transform, train=True)
