@@ -90,9 +90,14 @@ def load_official(model: models.VisionTransformer, state_dict: dict) -> models.V
     """Load an official DINOv2/DINOv3 backbone state dict into model, strictly. Returns model.
 
     Accepts hub files, chunked training checkpoints (blocks.C.N.*) and {"teacher": {"backbone.*": ...}}
-    checkpoints. Raises ValueError listing every missing key, unexpected key and shape mismatch.
+    checkpoints. Raises ValueError listing every missing key, unexpected key and shape mismatch, and
+    for a DINOv3 file a model whose LayerNorm eps is not 1e-5.
     """
     source = _unwrap(state_dict)
+    if ("storage_tokens" in source or "rope_embed.periods" in source) and model.norm_eps != 1e-5:
+        # Strict loading cannot catch this: eps is no tensor, and a 1e-6 model gives other features.
+        raise ValueError(f"a DINOv3 checkpoint (storage tokens / RoPE) needs LayerNorm eps 1e-5, the model has "
+                         f"{model.norm_eps:g}: build it with norm_eps=1e-5 (the default for pos_embed='rope')")
     mapped: dict[str, Tensor] = {}
     for key, tensor in source.items():
         ours = official_to_dinolite(key)

@@ -126,3 +126,18 @@ def test_config_diff_and_keys():
     assert config_diff(a, b) == {"model.depth": (a.model.depth, 2)}
     keys = valid_keys()
     assert "optim.base_lr" in keys and "train.seed" in keys and len(keys) == len(set(keys))
+
+
+def test_model_norm_eps_and_drop_path_mode_reach_the_backbone():
+    from dinolite.train.meta_arch import build_backbone
+
+    small = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.img_size=32"]
+    official = build_backbone(apply_overrides(get_config("tiny-cpu"), small))
+    assert official.blocks[0].drop_path_mode == "subset" and official.norm.eps == 1e-6
+    rope = build_backbone(apply_overrides(get_config("tiny-cpu"), small + ["model.pos_embed=rope"]))
+    assert rope.norm.eps == 1e-5 and rope.blocks[0].norm1.eps == 1e-5
+    custom = build_backbone(apply_overrides(get_config("tiny-cpu"),
+                                            small + ["model.norm_eps=1e-4", "model.drop_path_mode=mask"]))
+    assert custom.norm.eps == 1e-4 and custom.blocks[0].drop_path_mode == "mask"
+    with pytest.raises(ValueError, match="model.drop_path_mode"):
+        apply_overrides(get_config("tiny-cpu"), ["model.drop_path_mode=bernoulli"])

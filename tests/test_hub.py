@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dinolite import hub
-from dinolite.models import vit_tiny
+from dinolite.models import vit_7b, vit_tiny
 
 D, HIDDEN, GRID = 192, 768, 4  # vit_tiny, img_size 56 -> 4 x 4 grid
 
@@ -139,6 +139,55 @@ def test_load_dinov3_layout():
     assert torch.equal(net.blocks[1].mlp.w2.weight, sd["blocks.1.mlp.w2.weight"])
     assert torch.equal(net.local_cls_norm.bias, sd["local_cls_norm.bias"])
     assert set(hub.export_official(net)) == set(sd)
+
+
+class Float64LayerNorm(torch.nn.Module):
+    """(x - mean) / sqrt(var + eps) * w + b in float64, written out: the reference for the eps check."""
+
+    def __init__(self, norm: torch.nn.LayerNorm, eps: float):
+        super().__init__()
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, eps
+
+    def forward(self, x):
+        x64 = x.double()
+        mean = x64.mean(-1, keepdim=True)
+        var = ((x64 - mean) ** 2).mean(-1, keepdim=True)
+        return ((x64 - mean) / torch.sqrt(var + self.eps) * self.weight.double() + self.bias.double()).to(x.dtype)
+
+
+def with_reference_norms(net, eps):
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.LayerNorm):
+                setattr(module, name, Float64LayerNorm(child, eps))
+    return net
+
+
+def test_dinov3_file_gives_the_official_features_with_eps_1e5():
+    # Every released DINOv3 model uses LayerNorm eps 1e-5 (REFERENCE.md). A file made with the official init
+    # (ours: trunc-normal 0.02, tokens std 0.02) loads strictly into any eps, so check the features themselves.
+    torch.manual_seed(0)
+    state = hub.export_official(dinov3_model())
+    net = hub.load_official(dinov3_model(), state).eval()
+    assert {m.eps for m in net.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}
+    image = torch.randn(2, 3, 64, 64)
+    cls = net(image)
+    expected = with_reference_norms(hub.load_official(dinov3_model(), state).eval(), 1e-5)(image)
+    assert ((cls - expected).norm() / expected.norm()).item() < 1e-5
+    # The same file in eps-1e-6 norms loads strictly but gives other features: the check above can fail.
+    wrong = with_reference_norms(hub.load_official(dinov3_model(), state).eval(), 1e-6)(image)
+    assert ((wrong - expected).norm() / expected.norm()).item() > 1e-3
+    with pytest.raises(ValueError, match="norm_eps=1e-5"):
+        hub.load_official(vit_tiny(depth=2, patch_size=16, img_size=64, pos_embed="rope", num_register_tokens=4,
+                                   ffn="swiglu64", mask_k_bias=True, untie_global_and_local_cls_norm=True,
+                                   norm_eps=1e-6), state)
+
+
+def test_norm_eps_by_layout():
+    assert {m.eps for m in vit_tiny(depth=1).modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-6}
+    assert {m.eps for m in dinov3_model().modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}
+    with torch.device("meta"):
+        assert {m.eps for m in vit_7b(depth=1).modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}
 
 
 @pytest.mark.parametrize("build", [

@@ -37,6 +37,8 @@ class ModelConfig:
     pos_embed: str = "learned"  # "learned" or "rope"
     layerscale_init: float = 1e-5  # 0 disables LayerScale
     drop_path_rate: float = 0.3  # uniform over blocks (DINOv2)
+    drop_path_mode: str = "subset"  # "subset" (official: the branch runs on int(B(1-p)) samples) or "mask"
+    norm_eps: float = 0.0  # LayerNorm eps; 0: by layout, 1e-5 for "rope" (DINOv3), 1e-6 for "learned" (DINOv2)
 
 
 @dataclass
@@ -373,6 +375,9 @@ def validate(cfg: Config) -> None:
     check(m.pos_embed in ("learned", "rope"), "model.pos_embed",
           f"must be 'learned' or 'rope', got {m.pos_embed!r}")
     check(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
+    check(m.drop_path_mode in ("subset", "mask"), "model.drop_path_mode",
+          f"must be 'subset' or 'mask', got {m.drop_path_mode!r}")
+    check(m.norm_eps >= 0.0, "model.norm_eps", "must be >= 0 (0: 1e-5 for rope models, 1e-6 otherwise)")
     for key, size in (("crops.global_size", c.global_size), ("crops.local_size", c.local_size)):
         check(size % m.patch_size == 0, key,
               f"{size} is not a multiple of model.patch_size={m.patch_size}; use e.g. "

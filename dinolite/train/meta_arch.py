@@ -32,6 +32,7 @@ def build_backbone(cfg: Config) -> VisionTransformer:
         num_heads=m.num_heads, ffn_ratio=m.ffn_ratio, ffn=m.ffn, drop_path_rate=m.drop_path_rate,
         layerscale_init=m.layerscale_init if m.layerscale_init > 0 else None,
         num_register_tokens=m.num_register_tokens, pos_embed=m.pos_embed,
+        norm_eps=m.norm_eps if m.norm_eps > 0 else None, drop_path_mode=m.drop_path_mode,
     )
 
 
