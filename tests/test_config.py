@@ -39,7 +39,7 @@ def test_recipe_values():
     assert base.optim.clip_grad == 3.0 and base.optim.layerwise_decay == 0.9
     assert base.optim.patch_embed_lr_mult == 0.2 and base.train.epoch_length == 1250
     assert (base.optim.adamw_beta1, base.optim.adamw_beta2) == (0.9, 0.999)
-    assert base.loss.centering == "sinkhorn_knopp" and base.loss.gram_weight == 0.0
+    assert base.loss.centering == "sinkhorn_knopp" and base.gram.weight == 0.0
 
 
 def test_recipes_are_fresh_objects():
@@ -87,7 +87,9 @@ def test_unknown_key_names_key_and_suggests():
     ("crops.global_size=30", r"'crops.global_size': 30 is not a multiple of model.patch_size=8; use e.g. 32"),
     ("model.num_heads=5", r"'model.num_heads'"),
     ("train.precision=fp16", r"'train.precision'"),
-    ("loss.gram_weight=1.0", r"'loss.gram_weight'"),
+    ("gram.weight=1.0", r"'gram.teacher'"),
+    ("gram.teacher_scale=1.3", r"'gram.teacher_scale'"),
+    ("gram.remove_neg=student", r"'gram.remove_neg'"),
     ("crops.blur_sigma_min=3.0", r"'crops.blur_sigma_max': need 0 < blur_sigma_min <= blur_sigma_max"),
 ])
 def test_bad_values_name_the_key(override, pattern):

@@ -148,3 +148,15 @@ def test_bad_input():
         DINOLoss()(student_global[:1], None, teacher[:1])
     with pytest.raises(ValueError, match="same shape"):
         DINOLoss()(student_global.reshape(-1, 32), None, teacher.reshape(-1, 32))
+
+
+def test_local_weight_scales_the_local_pairs_only():
+    student_global, student_local, teacher = random_inputs(n_l=4, seed=7)
+    n_pairs = DINOLoss.num_pairs(2, 4)
+    global_only = DINOLoss()(student_global, None, teacher).double() * DINOLoss.num_pairs(2, 0)
+    full, _ = slow_all_pairs(student_global, student_local, teacher)
+    local_sum = full * n_pairs - global_only
+    for weight in (0.5, 0.0):
+        expected = (global_only + weight * local_sum) / n_pairs
+        torch.testing.assert_close(DINOLoss()(student_global, student_local, teacher, local_weight=weight).double(),
+                                   expected, atol=1e-5, rtol=1e-6)

@@ -9,6 +9,9 @@ Pairs: every local crop against every teacher global crop, and every global crop
 over all n_g * (n_g - 1) + n_l * n_g pairs: 2 + 16 = 18 for 2 global and 8 local crops. This equals
 DINOv2's normalisation (2 * global term + local term) / 18 and DINOv3's all-pairs average with the
 diagonal removed.
+
+DINOv3 lowers the weight of the local-crop pairs when Gram anchoring starts (1 -> 0.5): `local_weight`
+multiplies the local pairs' sum, and the normaliser stays the number of pairs.
 """
 import torch
 import torch.nn as nn
@@ -28,9 +31,10 @@ class DINOLoss(nn.Module):
         return n_global * (n_global - 1) + n_local * n_global
 
     def forward(self, student_global: torch.Tensor, student_local: torch.Tensor | None,
-                teacher_probs: torch.Tensor) -> torch.Tensor:
+                teacher_probs: torch.Tensor, local_weight: float = 1.0) -> torch.Tensor:
         """student_global [n_g, B, K] logits, student_local [n_l, B, K] logits or None,
         teacher_probs [n_g, B, K] (centred, sharpened targets) -> fp32 scalar.
+        local_weight scales the local-crop pairs (1.0: the plain average over all pairs).
 
         Crop i of student_global and crop i of teacher_probs must be the same view.
         """
@@ -60,5 +64,5 @@ class DINOLoss(nn.Module):
             total = ((teacher_sum - teacher) * global_log_probs).sum()  # same-view pairs excluded
             if n_local > 0:
                 local_log_probs = F.log_softmax(student_local.float() / self.student_temp, dim=-1)
-                total = total + (teacher_sum * local_log_probs).sum()
+                total = total + local_weight * (teacher_sum * local_log_probs).sum()
             return -total / (batch * n_pairs)

@@ -59,7 +59,6 @@ class LossConfig:
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
     # DINOv3 Gram anchoring slot: weight 0 in DINOv2 pre-training (not implemented here).
-    gram_weight: float = 0.0
     centering: str = "sinkhorn_knopp"  # or "softmax_center"
     center_momentum: float = 0.9  # softmax_center only
     student_temp: float = 0.1
@@ -125,6 +124,26 @@ class TrainConfig:
 
 
 @dataclass
+class GramConfig:
+    """DINOv3 Gram anchoring: the student's patch-similarity (Gram) matrices are pulled towards those of
+    a frozen Gram teacher (an earlier checkpoint). Off while weight is 0."""
+
+    weight: float = 0.0  # weight of the Gram loss after the warm-up (0: no Gram anchoring)
+    start_epoch: float = 0.0  # the Gram loss is off before this epoch
+    warmup_epochs: float = 0.0  # then it ramps linearly from 0 to weight over these epochs
+    final_weight: float = -1.0  # < 0: constant weight after the warm-up; else cosine to this value at the end
+    local_dino_weight: float = 0.5  # weight of the DINO local-crop pairs while the Gram loss is on (DINOv3: 0.5)
+    teacher: str = ""  # a run directory (see teacher_step), a dinolite checkpoint or an official-layout file
+    teacher_step: int = -1  # with a run directory: the checkpoint step to take (-1: its newest)
+    update_every: int = 0  # refresh the Gram teacher from the EMA teacher every n steps (0: never)
+    first_update: int = 0  # first step of a refresh
+    max_updates: int = 0  # at most this many refreshes (0: no limit)
+    teacher_scale: float = 2.0  # the teacher sees the same crops at this times the global size (1: the same)
+    img_level: bool = True  # one Gram matrix per image (False: one over all patches of the batch)
+    remove_neg: str = "none"  # "none", "both" or "teacher" (see dinolite.losses.gram_loss)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -132,6 +151,7 @@ class Config:
     crops: CropConfig = field(default_factory=CropConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
 
     @property
     def total_steps(self) -> int:
@@ -324,7 +344,10 @@ def config_from_dict(d: dict) -> Config:
     if not isinstance(d, dict):
         raise ValueError(f"a config must be a mapping of sections, got {type(d).__name__}")
     cfg = Config()
-    for key, value in _flatten(d).items():
+    flat = _flatten(d)
+    if flat.get("loss.gram_weight", 0.0) == 0.0:
+        flat.pop("loss.gram_weight", None)  # retired (always 0): runs saved before gram.* existed still load
+    for key, value in flat.items():
         set_value(cfg, key, value)
     validate(cfg)
     return cfg
@@ -390,8 +413,22 @@ def validate(cfg: Config) -> None:
           "need 0 <= mask_ratio_min <= mask_ratio_max <= 1")
     check(lo.centering in ("sinkhorn_knopp", "softmax_center"), "loss.centering",
           f"must be 'sinkhorn_knopp' or 'softmax_center', got {lo.centering!r}")
-    check(lo.gram_weight == 0.0, "loss.gram_weight",
-          "Gram anchoring (DINOv3) is not implemented in dinolite.train; keep it 0")
+    g = cfg.gram
+    check(g.weight >= 0.0, "gram.weight", "must be >= 0 (0: no Gram anchoring)")
+    check(g.weight == 0.0 or g.teacher != "", "gram.teacher",
+          "Gram anchoring needs a teacher: a run directory (with gram.teacher_step), a checkpoint or an official file")
+    check(g.start_epoch >= 0.0 and g.warmup_epochs >= 0.0, "gram.warmup_epochs",
+          "gram.start_epoch and gram.warmup_epochs must be >= 0")
+    check(g.local_dino_weight >= 0.0, "gram.local_dino_weight", "must be >= 0")
+    check(g.update_every >= 0 and g.first_update >= 0 and g.max_updates >= 0, "gram.update_every",
+          "gram.update_every, gram.first_update and gram.max_updates must be >= 0")
+    check(g.teacher_step >= -1, "gram.teacher_step", "must be a checkpoint step, or -1 for the newest")
+    check(g.remove_neg in ("none", "both", "teacher"), "gram.remove_neg",
+          f"must be 'none', 'both' or 'teacher', got {g.remove_neg!r}")
+    gram_size = g.teacher_scale * c.global_size
+    check(g.teacher_scale >= 1.0 and gram_size == int(gram_size) and int(gram_size) % m.patch_size == 0,
+          "gram.teacher_scale", f"must be >= 1 and give a Gram crop size (teacher_scale x crops.global_size = "
+          f"{gram_size:g}) that is a multiple of model.patch_size={m.patch_size}")
     check(t.precision in ("bf16", "fp32"), "train.precision", f"must be 'bf16' or 'fp32', got {t.precision!r}")
     check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device",
           f"must be 'auto', 'cpu' or 'cuda[:i]', got {t.device!r}")

@@ -35,8 +35,16 @@ def build_augmentation(cfg: Config) -> MultiCropAugmentation:
     return MultiCropAugmentation(
         global_size=c.global_size, local_size=c.local_size, n_local=c.n_local,
         global_scale=(c.global_scale_min, 1.0), local_scale=(c.local_scale_min, c.local_scale_max),
-        blur_sigma=(c.blur_sigma_min, c.blur_sigma_max),
+        blur_sigma=(c.blur_sigma_min, c.blur_sigma_max), gram_size=gram_crop_size(cfg),
     )
+
+
+def gram_crop_size(cfg: Config) -> int | None:
+    """Size of the Gram teacher's crops (the global crops' boxes at gram.teacher_scale x the global size,
+    without photometric distortion), or None when the teacher sees the student's global crops."""
+    if cfg.gram.weight == 0.0 or cfg.gram.teacher_scale == 1.0:
+        return None
+    return int(cfg.gram.teacher_scale * cfg.crops.global_size)
 
 
 class StepBatches(torch.utils.data.Dataset):

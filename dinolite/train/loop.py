@@ -66,7 +66,9 @@ def train_step(arch: DINOv2MetaArch, optimizer: torch.optim.Optimizer, batch: di
     arch.train()
     apply_schedule_(optimizer, values)
     optimizer.zero_grad(set_to_none=True)
-    out = arch.forward_losses(batch, values.teacher_temp, autocast)
+    if arch.gram_teacher is not None:
+        arch.gram_teacher.maybe_refresh(step, arch.teacher.backbone)  # before the step, as officially
+    out = arch.forward_losses(batch, values.teacher_temp, autocast, values.gram_weight, values.local_dino_weight)
     out["loss"].backward()
     params = [p for p in arch.student.parameters() if p.grad is not None]
     max_norm = clip_grad if clip_grad > 0 else math.inf
@@ -91,6 +93,8 @@ def training_state(arch: DINOv2MetaArch, optimizer, step: int, cfg: Config) -> d
                     if hasattr(arch, name)},
         "optimizer": optimizer.state_dict(),
         "config": config_to_dict(cfg),
+        # weights (refreshed copies differ from the file it was loaded from) and the refresh count
+        "gram_teacher": None if arch.gram_teacher is None else arch.gram_teacher.state_dict(),
     }
 
 
@@ -101,6 +105,8 @@ def restore_training_state(state: dict, arch: DINOv2MetaArch, optimizer) -> int:
     for name, center_state in state["centers"].items():
         getattr(arch, name).load_state_dict(center_state, strict=True)
     optimizer.load_state_dict(state["optimizer"])
+    if arch.gram_teacher is not None:
+        arch.gram_teacher.load_state_dict(state["gram_teacher"], strict=True)
     return int(state["step"])
 
 
@@ -313,9 +319,12 @@ def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | 
             done = step + 1
             if done % t.log_every == 0 or done == end_step:
                 elapsed, tic = time.perf_counter() - tic, time.perf_counter()
-                record = {"step": done, **{k: out[k].item() for k in ("loss", "dino", "ibot", "koleo", "grad_norm")},
+                terms = ("loss", "dino", "ibot", "koleo", "gram", "grad_norm")
+                record = {"step": done, **{k: out[k].item() for k in terms if k in out},
                           "lr": values.lr, "weight_decay": values.weight_decay, "momentum": values.momentum,
                           "teacher_temp": values.teacher_temp}
+                if arch.gram_teacher is not None:
+                    record.update(gram_weight=values.gram_weight, local_dino_weight=values.local_dino_weight)
                 record["images_per_s"] = t.batch_size * world_size * (done - getattr(logger, "_last", start_step)) / elapsed
                 logger._last = done
                 logger.log(record)
