@@ -39,6 +39,12 @@ class ModelConfig:
     drop_path_rate: float = 0.3  # uniform over blocks (DINOv2)
     drop_path_mode: str = "subset"  # "subset" (official: the branch runs on int(B(1-p)) samples) or "mask"
     norm_eps: float = 0.0  # LayerNorm eps; 0: by layout, 1e-5 for "rope" (DINOv3), 1e-6 for "learned" (DINOv2)
+    qkv_bias: bool = True  # False in the DINOv3 7B
+    mask_k_bias: bool = False  # DINOv3: no bias on the keys (a bias_mask buffer)
+    untie_local_cls_norm: bool = False  # DINOv3 7B: a separate LayerNorm for the local crops' CLS token
+    rope_shift_coords: float = 0.0  # RoPE training augmentations (0: off); DINOv3 7B: rescale 2 only
+    rope_jitter_coords: float = 0.0
+    rope_rescale_coords: float = 0.0
 
 
 @dataclass
@@ -51,6 +57,9 @@ class HeadConfig:
     bottleneck_dim: int = 256
     n_layers: int = 3
     share_heads: bool = False  # True: one head for DINO and iBOT (DINOv2 small configs)
+    ibot_hidden_dim: int = 0  # 0: hidden_dim (DINOv3 7B: 4096 vs 8192 for the DINO head)
+    ibot_bottleneck_dim: int = 0  # 0: bottleneck_dim (DINOv3 7B: 384 vs 512)
+    weight_norm_last_layer: bool = True  # DINOv2; DINOv3 uses a plain linear prototype layer
 
 
 @dataclass
@@ -83,6 +92,9 @@ class CropConfig:
     mask_probability: float = 0.5  # fraction of global crops that get a mask
     mask_ratio_min: float = 0.1
     mask_ratio_max: float = 0.5
+    mask_ratio_mode: str = "uniform"  # "uniform" in each bin (DINOv2) or the bin's upper edge (DINOv3)
+    complete_masks: bool = False  # DINOv3: fill each mask up to its exact target with random patches
+    flip_probability: float = 0.5  # horizontal flips (DINOv3 7B: none)
 
 
 @dataclass
@@ -216,8 +228,83 @@ def _vitb14_imagenet() -> Config:
     )
 
 
+def _dinov3_tiny_cpu() -> Config:
+    """tiny-cpu with everything DINOv3 trains with: RoPE (no position table) with its rescale augmentation,
+    4 storage tokens, LayerNorm eps 1e-5, an untied local-CLS norm, separate DINO and iBOT heads with plain
+    (not weight-normalised) prototype layers, Sinkhorn-Knopp centering, DINOv3 masking (bin upper edges,
+    filled to the exact ratio), subset stochastic depth and no flips. tiny-cpu's deviations for a run of a
+    few hundred CPU steps (no LayerScale, K = 128, sharp teacher, high lr, fp32) are kept."""
+    cfg = _tiny_cpu()
+    cfg.model = dataclasses.replace(cfg.model, pos_embed="rope", num_register_tokens=4, rope_rescale_coords=2.0,
+                                    untie_local_cls_norm=True, mask_k_bias=True)
+    cfg.head = dataclasses.replace(cfg.head, share_heads=False, weight_norm_last_layer=False)
+    cfg.crops = dataclasses.replace(cfg.crops, mask_ratio_mode="upper", complete_masks=True, flip_probability=0.0)
+    return cfg
+
+
+def _dinov3_tiny_cpu_gram() -> Config:
+    """The Gram-anchoring stage of dinov3-tiny-cpu, meant to continue a finished dinov3-tiny-cpu run
+    (--continue-from RUN): 4 more epochs with the Gram loss from epoch 8, ramped to 1.0 over a fifth of an
+    epoch, a 2x high-resolution Gram teacher, the local-crop DINO weight at 0.5 and a slower teacher, as the
+    7B refinement does (2.0, 512 px teacher, 0.5, momentum 0.999). Set gram.teacher (and gram.teacher_step)."""
+    cfg = _dinov3_tiny_cpu()
+    cfg.train = dataclasses.replace(cfg.train, epochs=12)
+    cfg.optim = dataclasses.replace(cfg.optim, momentum_teacher=0.999, final_momentum_teacher=0.999)
+    cfg.gram = GramConfig(weight=1.0, start_epoch=8, warmup_epochs=0.2, teacher_scale=2.0, local_dino_weight=0.5)
+    return cfg
+
+
+def _dinov3_vit7b16_pretrain() -> Config:
+    """The DINOv3 ViT-7B/16 pre-training config (official values; 256 GPUs x 16 images, not for one machine).
+
+    The official lr schedule is 0 -> 5e-5 over 100 epochs, then constant, scaled by sqrt(global batch / 1024):
+    base_lr 5e-5, and min_lr = 1e-4, the scaled value at the official global batch of 4096, keeps it constant.
+    """
+    return Config(
+        model=ModelConfig(img_size=256, patch_size=16, embed_dim=4096, depth=40, num_heads=32, ffn="swiglu64",
+                          ffn_ratio=3.0, num_register_tokens=4, pos_embed="rope", layerscale_init=1e-5,
+                          drop_path_rate=0.4, drop_path_mode="subset", norm_eps=1e-5, qkv_bias=False,
+                          mask_k_bias=True, untie_local_cls_norm=True, rope_rescale_coords=2.0),
+        head=HeadConfig(dino_out_dim=262144, hidden_dim=8192, bottleneck_dim=512, ibot_out_dim=98304,
+                        ibot_hidden_dim=4096, ibot_bottleneck_dim=384, share_heads=False,
+                        weight_norm_last_layer=False),
+        loss=LossConfig(centering="sinkhorn_knopp", teacher_temp=0.07, warmup_teacher_temp=0.04,
+                        warmup_teacher_temp_epochs=100),
+        crops=CropConfig(global_size=256, local_size=112, n_local=8, mask_ratio_mode="upper", complete_masks=True,
+                         flip_probability=0.0),
+        optim=OptimConfig(base_lr=5e-5, min_lr=1e-4, warmup_epochs=100, weight_decay=0.04, weight_decay_end=0.04,
+                          momentum_teacher=0.994, final_momentum_teacher=0.994, clip_grad=30.0,
+                          layerwise_decay=0.98, patch_embed_lr_mult=0.2, freeze_last_layer_epochs=5,
+                          adamw_beta2=0.99),
+        train=TrainConfig(batch_size=16, epochs=1000, epoch_length=1000, precision="bf16", num_workers=10,
+                          checkpoint_every=1000, keep_last=3),
+    )
+
+
+def _dinov3_vit7b16_gram() -> Config:
+    """The DINOv3 ViT-7B/16 Gram-anchoring stage: continues the pre-training run from iteration 1M to 1.2M.
+
+    Official: Gram loss weight 0 until epoch 1000, then to 2.0 over one epoch (a cosine ramp; ours is linear),
+    the local-crop DINO weight 1 -> 0.5 (ours switches at epoch 1000), Gram teacher crops 512 px (2x), refreshed
+    from the EMA teacher every 10k iterations from 1.01M, at most 3 times; lr 3e-5 (constant: min_lr = the
+    scaled value at batch 4096), teacher momentum 0.999. Set gram.teacher to the chosen early checkpoint.
+    """
+    cfg = _dinov3_vit7b16_pretrain()
+    cfg.train = dataclasses.replace(cfg.train, epochs=1200)
+    cfg.optim = dataclasses.replace(cfg.optim, base_lr=3e-5, min_lr=6e-5, momentum_teacher=0.999,
+                                    final_momentum_teacher=0.999)
+    cfg.gram = GramConfig(weight=2.0, start_epoch=1000, warmup_epochs=1, local_dino_weight=0.5, teacher_scale=2.0,
+                          update_every=10_000, first_update=1_010_000, max_updates=3, img_level=True,
+                          remove_neg="none")
+    return cfg
+
+
 RECIPES = {
     "tiny-cpu": _tiny_cpu,
+    "dinov3-tiny-cpu": _dinov3_tiny_cpu,
+    "dinov3-tiny-cpu-gram": _dinov3_tiny_cpu_gram,
+    "dinov3-vit7b16-pretrain": _dinov3_vit7b16_pretrain,
+    "dinov3-vit7b16-gram": _dinov3_vit7b16_gram,
     "vits16-imagenette-1gpu": _vits16_imagenette_1gpu,
     "vitb14-imagenet": _vitb14_imagenet,
 }
@@ -401,6 +488,13 @@ def validate(cfg: Config) -> None:
     check(m.drop_path_mode in ("subset", "mask"), "model.drop_path_mode",
           f"must be 'subset' or 'mask', got {m.drop_path_mode!r}")
     check(m.norm_eps >= 0.0, "model.norm_eps", "must be >= 0 (0: 1e-5 for rope models, 1e-6 otherwise)")
+    check(min(m.rope_shift_coords, m.rope_jitter_coords, m.rope_rescale_coords) >= 0.0, "model.rope_rescale_coords",
+          "RoPE augmentations must be >= 0 (0: off)")
+    check(m.pos_embed == "rope" or not (m.rope_shift_coords or m.rope_jitter_coords or m.rope_rescale_coords),
+          "model.pos_embed", "RoPE coordinate augmentations need model.pos_embed=rope")
+    check(c.mask_ratio_mode in ("uniform", "upper"), "crops.mask_ratio_mode",
+          f"must be 'uniform' (DINOv2) or 'upper' (DINOv3), got {c.mask_ratio_mode!r}")
+    check(0.0 <= c.flip_probability <= 1.0, "crops.flip_probability", "must be in [0, 1]")
     for key, size in (("crops.global_size", c.global_size), ("crops.local_size", c.local_size)):
         check(size % m.patch_size == 0, key,
               f"{size} is not a multiple of model.patch_size={m.patch_size}; use e.g. "
@@ -415,8 +509,6 @@ def validate(cfg: Config) -> None:
           f"must be 'sinkhorn_knopp' or 'softmax_center', got {lo.centering!r}")
     g = cfg.gram
     check(g.weight >= 0.0, "gram.weight", "must be >= 0 (0: no Gram anchoring)")
-    check(g.weight == 0.0 or g.teacher != "", "gram.teacher",
-          "Gram anchoring needs a teacher: a run directory (with gram.teacher_step), a checkpoint or an official file")
     check(g.start_epoch >= 0.0 and g.warmup_epochs >= 0.0, "gram.warmup_epochs",
           "gram.start_epoch and gram.warmup_epochs must be >= 0")
     check(g.local_dino_weight >= 0.0, "gram.local_dino_weight", "must be >= 0")

@@ -35,7 +35,7 @@ def build_augmentation(cfg: Config) -> MultiCropAugmentation:
     return MultiCropAugmentation(
         global_size=c.global_size, local_size=c.local_size, n_local=c.n_local,
         global_scale=(c.global_scale_min, 1.0), local_scale=(c.local_scale_min, c.local_scale_max),
-        blur_sigma=(c.blur_sigma_min, c.blur_sigma_max), gram_size=gram_crop_size(cfg),
+        blur_sigma=(c.blur_sigma_min, c.blur_sigma_max), flip_p=c.flip_probability, gram_size=gram_crop_size(cfg),
     )
 
 
@@ -104,6 +104,7 @@ class StepBatches(torch.utils.data.Dataset):
         batch = collate_multicrop(
             samples, mask_generator, mask_probability=c.mask_probability,
             mask_ratio_range=(c.mask_ratio_min, c.mask_ratio_max), patch_size=self.cfg.model.patch_size,
+            ratio_mode=c.mask_ratio_mode, complete_masks=c.complete_masks,
             generator=step_generator(seed, step, self.rank, _MASKS + 100),
         )
         batch["step"] = step

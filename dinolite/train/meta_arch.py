@@ -37,6 +37,9 @@ def build_backbone(cfg: Config) -> VisionTransformer:
         layerscale_init=m.layerscale_init if m.layerscale_init > 0 else None,
         num_register_tokens=m.num_register_tokens, pos_embed=m.pos_embed,
         norm_eps=m.norm_eps if m.norm_eps > 0 else None, drop_path_mode=m.drop_path_mode,
+        qkv_bias=m.qkv_bias, mask_k_bias=m.mask_k_bias, untie_global_and_local_cls_norm=m.untie_local_cls_norm,
+        rope_shift_coords=m.rope_shift_coords or None, rope_jitter_coords=m.rope_jitter_coords or None,
+        rope_rescale_coords=m.rope_rescale_coords or None,
     )
 
 
@@ -44,11 +47,14 @@ def build_student(cfg: Config) -> nn.ModuleDict:
     """backbone + dino_head + ibot_head (the same module when cfg.head.share_heads)."""
     h = cfg.head
     backbone = build_backbone(cfg)
-    dino_head = DINOHead(cfg.model.embed_dim, h.dino_out_dim, h.hidden_dim, h.bottleneck_dim, h.n_layers)
+    dino_head = DINOHead(cfg.model.embed_dim, h.dino_out_dim, h.hidden_dim, h.bottleneck_dim, h.n_layers,
+                         weight_norm_last_layer=h.weight_norm_last_layer)
     if h.share_heads:
         ibot_head = dino_head
     else:
-        ibot_head = DINOHead(cfg.model.embed_dim, h.ibot_out_dim, h.hidden_dim, h.bottleneck_dim, h.n_layers)
+        ibot_head = DINOHead(cfg.model.embed_dim, h.ibot_out_dim, h.ibot_hidden_dim or h.hidden_dim,
+                             h.ibot_bottleneck_dim or h.bottleneck_dim, h.n_layers,
+                             weight_norm_last_layer=h.weight_norm_last_layer)
     return nn.ModuleDict(dict(backbone=backbone, dino_head=dino_head, ibot_head=ibot_head))
 
 
@@ -91,6 +97,9 @@ class DINOv2MetaArch(nn.Module):
         self.gram_teacher = None
         if cfg.gram.weight > 0:
             g = cfg.gram
+            if not g.teacher:
+                raise ValueError("gram.weight > 0 needs a Gram teacher: set gram.teacher=RUN_DIR (with "
+                                 "gram.teacher_step=STEP), a checkpoint file or an official-layout file")
             self.gram_teacher = GramTeacher(self.student.backbone, g.update_every, g.first_update, g.max_updates)
             self.gram_teacher.load(g.teacher, None if g.teacher_step < 0 else g.teacher_step).to(device)
 
