@@ -247,6 +247,24 @@ def test_resume_with_other_config_is_an_error(full_run):
     _run(apply_overrides(cfg, ["train.log_every=5"]), out)
 
 
+def test_resume_says_from_which_step_and_checkpoint(full_run, capsys):
+    cfg, out, _ = full_run
+    capsys.readouterr()
+    _run(cfg, out)  # the run is complete: it resumes at its last step and has nothing left to do
+    assert f"resuming from step 6 (checkpoint {out / 'checkpoint_00000006.pth'})" in capsys.readouterr().out
+
+
+def test_start_up_removes_temp_files_of_a_killed_checkpoint_save(full_run, capsys):
+    cfg, out, _ = full_run
+    stale = out / ".tmp_checkpoint_00000007.pthq3x_8kz1"  # what SIGKILL in atomic_save leaves
+    stale.write_bytes(b"half a checkpoint")
+    checkpoints = {p.name: p.read_bytes() for p in out.glob("checkpoint_*.pth")}
+    _run(cfg, out)
+    assert not stale.exists()
+    assert {p.name: p.read_bytes() for p in out.glob("checkpoint_*.pth")} == checkpoints  # complete ones untouched
+    assert f"removed {stale}" in capsys.readouterr().out
+
+
 def test_training_state_round_trip(full_run):
     cfg, _, arch = full_run
     optimizer = build_optimizer(arch.student, cfg)

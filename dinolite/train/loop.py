@@ -20,7 +20,7 @@ import torch
 from dinolite import distributed
 from dinolite.ema import ema_update_
 from dinolite.monitor import CollapseMonitor, check_teacher
-from dinolite.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dinolite.train.checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temp_files, save_checkpoint
 from dinolite.train.config import Config, config_diff, config_from_dict, config_to_dict, load_config, save_config
 from dinolite.train.data import _MODEL, StepBatches, derive_seed, move_batch
 from dinolite.train.meta_arch import DINOv2MetaArch
@@ -264,6 +264,9 @@ def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | 
     start_step = 0
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
+        if is_main:
+            for stale in remove_stale_temp_files(output_dir):
+                print(f"removed {stale}: the temporary file of a checkpoint save that never finished")
         _check_resume_config(output_dir, cfg)
         path = latest_checkpoint(output_dir)
         if path:
@@ -273,6 +276,8 @@ def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | 
             if bad:
                 raise ValueError(f"checkpoint {path} was trained with another config: {bad}")
             start_step = restore_training_state(state, arch, optimizer)
+            if is_main:
+                print(f"resuming from step {start_step} (checkpoint {path})")
         if is_main:
             save_config(cfg, os.path.join(output_dir, "config.yaml"))
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
