@@ -10,9 +10,9 @@ import torch
 from dinolite.data import SyntheticShapes
 from dinolite.hub import load_official
 from dinolite.models import VisionTransformer
-from dinolite.train import DINOv2MetaArch, apply_overrides, get_config, train, train_step
+from dinolite.train import DINOv2MetaArch, apply_overrides, get_config, load_config, save_config, train, train_step
 from dinolite.train.data import StepBatches
-from dinolite.train.loop import _small_batch_warning, restore_training_state, training_state
+from dinolite.train.loop import OutputDirError, _small_batch_warning, restore_training_state, training_state
 from dinolite.train.optim import (
     StepValues,
     apply_schedule_,
@@ -263,6 +263,23 @@ def test_start_up_removes_temp_files_of_a_killed_checkpoint_save(full_run, capsy
     assert not stale.exists()
     assert {p.name: p.read_bytes() for p in out.glob("checkpoint_*.pth")} == checkpoints  # complete ones untouched
     assert f"removed {stale}" in capsys.readouterr().out
+
+
+def test_a_directory_without_checkpoint_accepts_a_new_config(tmp_path):
+    # What a run that failed before its first checkpoint leaves: its config and a few log lines.
+    failed = micro_config("train.batch_size=16")
+    save_config(failed, str(tmp_path / "config.yaml"))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 99.0}) + "\n")
+    cfg = micro_config("train.epochs=1")
+    arch = _run(cfg, tmp_path)
+    assert arch.completed_steps == 3
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
+    assert [(r["step"], r["loss"] == 99.0) for r in _records(tmp_path / "metrics.jsonl") if "loss" in r] == [
+        (1, False), (2, False), (3, False)]  # the failed run's lines are gone
+    # Now the directory holds a checkpoint: a different config is refused and nothing changes.
+    with pytest.raises(OutputDirError, match=r"train.batch_size: saved 8 vs now 16"):
+        _run(failed, tmp_path)
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
 
 
 def test_training_state_round_trip(full_run):

@@ -36,6 +36,10 @@ RESUMABLE_KEYS = {
 SMALL_BATCH = 32
 
 
+class OutputDirError(ValueError):
+    """The output directory cannot be used for this run (a different config is saved there, or it is a file)."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -112,9 +116,9 @@ def _check_resume_config(output_dir: str, cfg: Config) -> None:
     diff = {k: v for k, v in config_diff(saved, cfg).items() if k not in RESUMABLE_KEYS}
     if diff:
         lines = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"{output_dir} holds a run with a different config ({lines}). Resume with the "
-                         f"same config, or use a new --output-dir. Only these keys may change on resume: "
-                         f"{', '.join(sorted(RESUMABLE_KEYS))}")
+        raise OutputDirError(f"{output_dir} holds a run with a different config ({lines}). Resume with the "
+                             f"same config, or use a new --output-dir. Only these keys may change on resume: "
+                             f"{', '.join(sorted(RESUMABLE_KEYS))}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -263,23 +267,32 @@ def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | 
 
     start_step = 0
     if output_dir:
+        if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+            raise OutputDirError(f"output directory {output_dir} is a file; give the path of a directory "
+                                 "(it is created if missing)")
         os.makedirs(output_dir, exist_ok=True)
         if is_main:
             for stale in remove_stale_temp_files(output_dir):
                 print(f"removed {stale}: the temporary file of a checkpoint save that never finished")
-        _check_resume_config(output_dir, cfg)
         path = latest_checkpoint(output_dir)
         if path:
+            # Only a directory with a checkpoint holds a run to continue; without one, a run that
+            # failed early (e.g. batch too large for the data) is retried with the new config.
+            _check_resume_config(output_dir, cfg)
             state = load_checkpoint(path, map_location=device)
             bad = {k: v for k, v in config_diff(config_from_dict(state["config"]), cfg).items()
                    if k not in RESUMABLE_KEYS}
             if bad:
-                raise ValueError(f"checkpoint {path} was trained with another config: {bad}")
+                raise OutputDirError(f"checkpoint {path} was trained with another config: {bad}. Resume with "
+                                     "that config, or use a new --output-dir")
             start_step = restore_training_state(state, arch, optimizer)
             if is_main:
                 print(f"resuming from step {start_step} (checkpoint {path})")
-        if is_main:
-            save_config(cfg, os.path.join(output_dir, "config.yaml"))
+    batches = StepBatches(dataset, cfg, total_steps, start_step, rank, world_size)  # checks the data size
+    if output_dir and is_main:
+        save_config(cfg, os.path.join(output_dir, "config.yaml"))
+        if start_step == 0 and os.path.exists(os.path.join(output_dir, "metrics.jsonl")):
+            os.remove(os.path.join(output_dir, "metrics.jsonl"))  # left by a run that never checkpointed
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
 
     logger = _Logger(output_dir, t.tensorboard, is_main)
@@ -297,7 +310,6 @@ def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | 
     if start_step == 0 and t.knn_every and start_step < end_step:
         evaluate_knn(0)  # the network at initialisation, as a baseline
 
-    batches = StepBatches(dataset, cfg, total_steps, start_step, rank, world_size)
     loader = torch.utils.data.DataLoader(
         batches, batch_size=None, shuffle=False, num_workers=t.num_workers,
         pin_memory=device.type == "cuda", persistent_workers=False,
