@@ -89,6 +89,8 @@ def test_unknown_key_names_key_and_suggests():
     ("train.precision=fp16", r"'train.precision'"),
     ("loss.gram_weight=1.0", r"'loss.gram_weight'"),
     ("crops.blur_sigma_min=3.0", r"'crops.blur_sigma_max': need 0 < blur_sigma_min <= blur_sigma_max"),
+    ("train.threads=-1", r"'train.threads': must be >= 0 \(0: auto"),
+    ("train.num_workers=-2", r"'train.num_workers': must be >= 0"),
 ])
 def test_bad_values_name_the_key(override, pattern):
     with pytest.raises(ValueError, match=pattern):

@@ -11,8 +11,15 @@ from dinolite.data import SyntheticShapes
 from dinolite.hub import load_official
 from dinolite.models import VisionTransformer
 from dinolite.train import DINOv2MetaArch, apply_overrides, get_config, load_config, save_config, train, train_step
+from dinolite.train import loop
 from dinolite.train.data import StepBatches
-from dinolite.train.loop import OutputDirError, _small_batch_warning, restore_training_state, training_state
+from dinolite.train.loop import (
+    OutputDirError,
+    _small_batch_warning,
+    intra_op_threads,
+    restore_training_state,
+    training_state,
+)
 from dinolite.train.optim import (
     StepValues,
     apply_schedule_,
@@ -280,6 +287,66 @@ def test_a_directory_without_checkpoint_accepts_a_new_config(tmp_path):
     with pytest.raises(OutputDirError, match=r"train.batch_size: saved 8 vs now 16"):
         _run(failed, tmp_path)
     assert load_config(str(tmp_path / "config.yaml")) == cfg
+
+
+def test_auto_threads_leave_one_core_per_data_worker(monkeypatch):
+    monkeypatch.setattr(loop, "available_cores", lambda: 4)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        assert [intra_op_threads(0, workers) for workers in (0, 1, 3, 4, 8)] == [4, 3, 1, 1, 1]
+        assert intra_op_threads(6, 3) == 6  # train.threads=6: as asked
+        torch.set_num_threads(2)  # OMP_NUM_THREADS=2 (or an earlier torch.set_num_threads) caps auto
+        assert intra_op_threads(0, 1) == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
+class _ReadLog(torch.utils.data.Dataset):
+    """SyntheticShapes that appends "pid threads" to a file for every image read (from any process)."""
+
+    def __init__(self, path):
+        self.data, self.path = SyntheticShapes(48, 32), path
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()} {torch.get_num_threads()}\n")
+        return self.data[i]
+
+
+def test_training_and_data_worker_threads(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "available_cores", lambda: 3)
+    step_threads = []
+    real_step = loop.train_step
+
+    def recording_step(*args, **kwargs):
+        step_threads.append(torch.get_num_threads())
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", recording_step)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        log = tmp_path / "reads.txt"
+        cfg = micro_config("train.epochs=1", "train.epoch_length=1", "train.num_workers=1")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train(cfg, _ReadLog(log), knn_data=None)
+        assert step_threads == [2]  # 3 cores, 1 of them for the data worker
+        reads = [line.split() for line in log.read_text().splitlines()]
+        assert len(reads) == 8 and str(os.getpid()) not in {pid for pid, _ in reads}  # read in the worker
+        assert {threads for _, threads in reads} == {"1"}  # one thread in the worker
+        assert torch.get_num_threads() == 4  # restored after the run
+        step_threads.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train(micro_config("train.epochs=1", "train.epoch_length=1", "train.threads=1"), DATA_SPEC, knn_data=None)
+        assert step_threads == [1] and torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_training_state_round_trip(full_run):
