@@ -118,6 +118,15 @@ def test_partial_yaml_keeps_defaults_and_checks_keys(tmp_path):
         load_config(str(bad))
 
 
+def test_malformed_yaml_is_a_one_line_value_error(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  depth: 3\n optim: [\n")
+    with pytest.raises(ValueError) as err:
+        get_config(str(path))
+    message = str(err.value)
+    assert message.startswith(f"{path} is not valid YAML at line 3") and "\n" not in message
+
+
 def test_unknown_recipe():
     with pytest.raises(ValueError, match=r"unknown config 'tiny_cpu'.*Did you mean 'tiny-cpu'"):
         get_config("tiny_cpu")

@@ -93,3 +93,19 @@ def test_cli_retry_with_the_batch_size_the_error_recommends(tmp_path, capsys):
     assert main(args + ["train.batch_size=4"]) == 2
     assert "holds a run with a different config (train.batch_size: saved 6 vs now 4)" in _one_error_line(capsys)
     assert (tmp_path / "run" / "config.yaml").read_text() == saved
+
+
+def test_cli_output_dir_that_cannot_be_a_directory(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    for out, expected in [(tmp_path / "a_file", "is a file; give the path of a directory"),
+                          (tmp_path / "a_file" / "run", "cannot create output directory")]:
+        code = main(["--config", "tiny-cpu", "--data", "textures:n=16,size=32", "--output-dir", str(out), *TINY])
+        assert code == 2
+        assert expected in _one_error_line(capsys)
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
+def test_cli_malformed_yaml_config(tmp_path, capsys):
+    (tmp_path / "recipe.yaml").write_text("train:\n  batch_size: [8\n")
+    assert main(["--config", str(tmp_path / "recipe.yaml"), "--data", "textures", "--output-dir", str(tmp_path)]) == 2
+    assert "recipe.yaml is not valid YAML at line" in _one_error_line(capsys)

@@ -335,8 +335,14 @@ def save_config(cfg: Config, path: str) -> None:
 
 
 def load_config(path: str) -> Config:
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path} is not valid YAML{where} ({getattr(e, 'problem', None) or e}); fix it "
+                         "(--print-config shows the expected layout)") from None
     try:
         return config_from_dict(data)
     except ValueError as e:

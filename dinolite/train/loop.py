@@ -309,7 +309,11 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
         if os.path.exists(output_dir) and not os.path.isdir(output_dir):
             raise OutputDirError(f"output directory {output_dir} is a file; give the path of a directory "
                                  "(it is created if missing)")
-        os.makedirs(output_dir, exist_ok=True)
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+        except OSError as e:
+            raise OutputDirError(f"cannot create output directory {output_dir} ({e.strerror}: {e.filename}); "
+                                 "give a path you can write to") from None
         if is_main:
             for stale in remove_stale_temp_files(output_dir):
                 print(f"removed {stale}: the temporary file of a checkpoint save that never finished")
