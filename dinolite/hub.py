@@ -164,22 +164,51 @@ def build_hub_model(name: str) -> models.VisionTransformer:
     return constructor(**kwargs)
 
 
+def _fetch_hint(name: str) -> str:
+    """Where to get the weights of hub model `name` and where to put them."""
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    return (f"dinolite never downloads: fetch {hub_url(name)} and either save it as {cache / hub_filename(name)} "
+            f"or pass path=... to from_pretrained, e.g.\n"
+            f"  mkdir -p {cache} && curl -L -o {cache / hub_filename(name)} {hub_url(name)}")
+
+
+def _not_a_checkpoint(name: str, file: Path, expected_bytes: int, problem: str) -> ValueError:
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(64).lstrip()
+    if size == 0:
+        looks = "the file is empty"
+    elif head.startswith(b"<"):
+        looks = "it looks like an HTML page (a download that saved an error or login page)"
+    elif head.startswith(b"PK"):  # torch.save writes a zip archive
+        looks = "it is an incomplete or damaged torch.save archive (an interrupted download?)"
+    else:
+        looks = "it was not written by torch.save"
+    return ValueError(f"{file} is not a PyTorch state dict of {name}: {looks} ({problem}; {size:,} bytes, while "
+                      f"the weights of {name} take about {expected_bytes / 1e6:.0f} MB). {_fetch_hint(name)}")
+
+
 def from_pretrained(name: str, path: str | os.PathLike | None = None) -> models.VisionTransformer:
     """Build a DINOv2 hub model and load its weights from path or the torch.hub cache. Never downloads.
 
     name: dinov2_vit{s,b,l,g}14 or dinov2_vit{s,b,l,g}14_reg. Returns the model in eval mode.
+    A missing file, or one that is not a state dict (an HTML page, a truncated download), is an
+    error that says which file to fetch and where to put it.
     """
     _check_name(name)
     file = Path(path) if path is not None else Path(torch.hub.get_dir()) / "checkpoints" / hub_filename(name)
     if not file.is_file():
-        cache = Path(torch.hub.get_dir()) / "checkpoints"
-        raise FileNotFoundError(
-            f"weights for {name} not found at {file}. dinolite never downloads: fetch {hub_url(name)} "
-            f"and either save it as {cache / hub_filename(name)} or pass path=... to from_pretrained, e.g.\n"
-            f"  mkdir -p {cache} && curl -L -o {cache / hub_filename(name)} {hub_url(name)}"
-        )
+        raise FileNotFoundError(f"weights for {name} not found at {file}. {_fetch_hint(name)}")
     with torch.device("meta"):
         model = build_hub_model(name)
+    expected_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    try:
+        state_dict = torch.load(file, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # the file cannot be read at all (permissions, I/O); the system's message says so
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ... here
+        raise _not_a_checkpoint(name, file, expected_bytes, f"torch.load failed with {type(error).__name__}") from None
+    if not isinstance(state_dict, dict):
+        raise _not_a_checkpoint(name, file, expected_bytes, f"torch.load gave a {type(state_dict).__name__}, not a dict")
     model.to_empty(device="cpu")  # no init needed: the strict load below overwrites every tensor
-    state_dict = torch.load(file, map_location="cpu", weights_only=True)
     return load_official(model, state_dict).eval()

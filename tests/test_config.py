@@ -92,6 +92,8 @@ def test_unknown_key_names_key_and_suggests():
     ("gram.teacher_scale=1.3", r"'gram.teacher_scale'"),
     ("gram.remove_neg=student", r"'gram.remove_neg'"),
     ("crops.blur_sigma_min=3.0", r"'crops.blur_sigma_max': need 0 < blur_sigma_min <= blur_sigma_max"),
+    ("train.threads=-1", r"'train.threads': must be >= 0 \(0: auto"),
+    ("train.num_workers=-2", r"'train.num_workers': must be >= 0"),
 ])
 def test_bad_values_name_the_key(override, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -117,6 +119,15 @@ def test_partial_yaml_keeps_defaults_and_checks_keys(tmp_path):
     bad.write_text("model:\n  detph: 3\n")
     with pytest.raises(ValueError, match=r"bad.yaml: unknown config key 'model.detph'.*'model.depth'"):
         load_config(str(bad))
+
+
+def test_malformed_yaml_is_a_one_line_value_error(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  depth: 3\n optim: [\n")
+    with pytest.raises(ValueError) as err:
+        get_config(str(path))
+    message = str(err.value)
+    assert message.startswith(f"{path} is not valid YAML at line 3") and "\n" not in message
 
 
 def test_unknown_recipe():

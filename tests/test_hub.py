@@ -1,4 +1,6 @@
 """Tests of dinolite.hub with state dicts written by hand in the official key layout (REFERENCE.md)."""
+import io
+
 import pytest
 import torch
 
@@ -250,3 +252,32 @@ def test_from_pretrained_without_file_says_what_to_download(tmp_path, monkeypatc
     message = str(err.value)
     assert "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth" in message
     assert str(tmp_path / "checkpoints" / "dinov2_vitl14_reg4_pretrain.pth") in message
+
+
+def _saved_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("content, looks", [
+    (b"<!DOCTYPE html><html><body>403 Forbidden</body></html>", "looks like an HTML page"),
+    (b"", "the file is empty"),
+    (_saved_bytes({"norm.weight": torch.ones(384)})[:300], "incomplete or damaged torch.save archive"),
+    (b"model weights: see the website\n", "not written by torch.save"),
+    (_saved_bytes(torch.ones(3)), "gave a Tensor, not a dict"),
+], ids=["html", "empty", "truncated", "text", "tensor"])
+def test_from_pretrained_on_a_file_that_is_not_a_checkpoint(tmp_path, monkeypatch, content, looks):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    file = tmp_path / "dinov2_vits14_pretrain.pth"
+    file.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        hub.from_pretrained("dinov2_vits14", path=file)
+    message = str(err.value)
+    assert message.startswith(f"{file} is not a PyTorch state dict of dinov2_vits14: ")  # which file, what was expected
+    assert looks in message
+    assert "about 88 MB" in message  # 22.06 M float32 parameters (ViT-S/14 at 518 px)
+    # how to get the right one: the same advice as for a missing file
+    assert "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth" in message
+    assert str(tmp_path / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth") in message
+    assert "weights_only" not in message  # torch's advice to unpickle untrusted code is not passed on

@@ -17,6 +17,8 @@ from dinolite.data.datasets import (
     IMAGE_EXTENSIONS,
     SHAPE_CLASSES,
     TEXTURE_CLASSES,
+    DataError,
+    DataNotFoundError,
     ImageFolderDataset,
     SyntheticShapes,
     SyntheticTextures,

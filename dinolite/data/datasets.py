@@ -20,6 +20,18 @@ from dinolite.data.augment import to_rgb
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+class DataError(ValueError):
+    """The data cannot be used as asked: a missing or empty folder, a bad --data spec, too few images.
+
+    The message names the problem and the fix in one line; `python -m dinolite.train` prints it as
+    `error: ...` and exits with code 2 instead of showing a traceback.
+    """
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A DataError for data that is not on disk (also a FileNotFoundError)."""
+
+
 def _describe_paths(paths, limit=10) -> str:
     shown = ", ".join(str(p) for p in paths[:limit])
     return shown + (f", ... ({len(paths) - limit} more)" if len(paths) > limit else "")
@@ -44,15 +56,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __init__(self, root, transform=None, verify: bool = True):
         self.root = Path(root).expanduser()
         if not self.root.exists():
-            raise FileNotFoundError(f"image folder {self.root} does not exist; expected a directory of images "
-                                    f"({', '.join(IMAGE_EXTENSIONS)}), optionally in one subfolder per class")
+            raise DataNotFoundError(f"image folder {self.root} does not exist; give the path of a directory of "
+                                    f"images ({', '.join(IMAGE_EXTENSIONS)}), optionally in one subfolder per class")
         if not self.root.is_dir():
-            raise NotADirectoryError(f"{self.root} is a file; expected a directory of images")
+            raise DataError(f"{self.root} is a file; give the path of a directory of images")
         self.transform = transform
         candidates = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not candidates:
-            raise ValueError(f"no images found under {self.root}; expected files ending in "
-                             f"{', '.join(IMAGE_EXTENSIONS)} (searched recursively)")
+            raise DataError(f"no images found under {self.root}; put files ending in "
+                            f"{', '.join(IMAGE_EXTENSIONS)} there (searched recursively) or give another folder")
         self.skipped = []
         readable = []
         for path in candidates:
@@ -67,7 +79,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             warnings.warn(f"ImageFolderDataset: skipped {len(self.skipped)} unreadable file(s) under {self.root}: "
                           f"{_describe_paths(self.skipped)}", stacklevel=2)
         if not readable:
-            raise ValueError(f"none of the {len(candidates)} image files under {self.root} could be read")
+            raise DataError(f"none of the {len(candidates)} image files under {self.root} could be read "
+                            f"(e.g. {candidates[0]}); check that they are complete images")
         class_of = [p.relative_to(self.root).parts[0] if len(p.relative_to(self.root).parts) > 1 else None
                     for p in readable]
         self.classes = sorted({c for c in class_of if c is not None})
@@ -118,9 +131,9 @@ _DOWNLOAD_HINTS = {
 
 def _missing(name, root, error):
     url, call = _DOWNLOAD_HINTS[name]
-    return FileNotFoundError(
-        f"{name} not found under {root} ({error}). dinolite never downloads data itself; get it with\n"
-        f"  python -c \"import torchvision; {call.format(root=root)}\"\n"
+    return DataNotFoundError(
+        f"{name} not found under {root} ({error}). dinolite never downloads data itself; get it with "
+        f"`python -c \"import torchvision; {call.format(root=root)}\"` "
         f"or download and extract {url} into {root}."
     )
 
@@ -290,9 +303,9 @@ class SyntheticShapes(torch.utils.data.Dataset):
     def __init__(self, num_images: int = 10000, image_size: int = 64, seed: int = 0, transform=None,
                  return_mask: bool = False, style: str = "full"):
         if num_images < 1 or image_size < 8:
-            raise ValueError(f"SyntheticShapes needs num_images >= 1 and image_size >= 8, got {num_images}, {image_size}")
+            raise DataError(f"SyntheticShapes needs num_images >= 1 and image_size >= 8, got {num_images}, {image_size}")
         if style not in self.styles:
-            raise ValueError(f"SyntheticShapes style must be one of {', '.join(self.styles)}, got {style!r}")
+            raise DataError(f"SyntheticShapes style must be one of {', '.join(self.styles)}, got {style!r}")
         self.style = style
         self.num_images, self.image_size, self.seed = int(num_images), int(image_size), int(seed)
         self.transform, self.return_mask = transform, return_mask
@@ -474,7 +487,7 @@ class SyntheticTextures(torch.utils.data.Dataset):
 
     def __init__(self, num_images: int = 10000, image_size: int = 32, seed: int = 0, transform=None):
         if num_images < 1 or image_size < 8:
-            raise ValueError(f"SyntheticTextures needs num_images >= 1 and image_size >= 8, "
+            raise DataError(f"SyntheticTextures needs num_images >= 1 and image_size >= 8, "
                              f"got {num_images}, {image_size}")
         self.num_images, self.image_size, self.seed = int(num_images), int(image_size), int(seed)
         self.transform = transform
@@ -529,7 +542,8 @@ DATA_SPEC_FORMS = (
 
 
 def _spec_error(spec, problem):
-    return ValueError(f"bad --data spec {spec!r}: {problem}. Valid forms:\n  " + "\n  ".join(DATA_SPEC_FORMS))
+    forms = "; ".join(" ".join(form.split()) for form in DATA_SPEC_FORMS)
+    return DataError(f"bad --data spec {spec!r}: {problem}. Valid forms: {forms}")
 
 
 def _parse_options(spec: str, arg: str, defaults: dict, choices: dict) -> dict:
@@ -607,8 +621,8 @@ def make_loader(dataset, batch_size: int, collate_fn=None, num_workers: int = 0,
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if drop_last and len(dataset) < batch_size * distributed.get_world_size():
-        raise ValueError(f"dataset has {len(dataset)} items, fewer than one batch of {batch_size} per rank "
-                         "with drop_last=True; use a smaller batch_size or more data")
+        raise DataError(f"dataset has {len(dataset)} items, fewer than one batch of {batch_size} per rank "
+                        "with drop_last=True; use a smaller batch_size or more data")
     generator = torch.Generator().manual_seed(seed)
     sampler = None
     if distributed.is_enabled():

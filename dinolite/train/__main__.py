@@ -5,11 +5,12 @@ Examples:
     python -m dinolite.train --config vits16-imagenette-1gpu --data imagenette:~/data \
         --output-dir runs/vits16 train.batch_size=128 optim.base_lr=0.002
 Re-running with the same --output-dir resumes from its latest checkpoint.
+A config, data or output-directory problem prints one line `error: ...` and exits with code 2.
 """
 import argparse
 import sys
 
-from dinolite.data import DATA_SPEC_FORMS
+from dinolite.data import DATA_SPEC_FORMS, DataError
 from dinolite.train.config import RECIPES, apply_overrides, get_config, valid_keys
 
 
@@ -42,9 +43,13 @@ def main(argv=None) -> int:
         from dinolite.train.config import config_to_dict
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0
-    from dinolite.train.loop import train
+    from dinolite.train.loop import OutputDirError, train
 
-    arch = train(cfg, args.data, output_dir=args.output_dir)
+    try:
+        arch = train(cfg, args.data, output_dir=args.output_dir)
+    except (DataError, OutputDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     last = next((r for r in reversed(arch.history) if "knn_top1" in r), None)
     summary = f"done: {arch.completed_steps}/{arch.total_steps} steps, outputs in {args.output_dir}"
     if last:

@@ -3,6 +3,8 @@
 `os.replace` within one directory is atomic on POSIX and Windows, so a crash while saving
 leaves either the previous checkpoint or the new one, never a truncated file. Files are
 named checkpoint_<step>.pth (zero-padded) and only the newest `keep_last` are kept.
+A process killed mid-write (SIGKILL, power loss) cannot clean up its temporary file; the next
+run removes such leftovers with `remove_stale_temp_files`.
 """
 import os
 import re
@@ -11,6 +13,8 @@ import tempfile
 import torch
 
 _NAME = re.compile(r"^checkpoint_(\d+)\.pth$")
+# atomic_save's temporary files: ".tmp_" + the checkpoint's name + mkstemp's random characters.
+_TEMP_NAME = re.compile(r"^\.tmp_checkpoint_\d+\.pth\w+$")
 
 
 def checkpoint_path(output_dir: str, step: int) -> str:
@@ -32,6 +36,24 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
 def latest_checkpoint(output_dir: str) -> str | None:
     found = list_checkpoints(output_dir)
     return found[-1][1] if found else None
+
+
+def remove_stale_temp_files(output_dir: str) -> list[str]:
+    """Delete the temporary files of checkpoint saves that never finished; returns their paths.
+
+    Only names atomic_save creates for checkpoints (.tmp_checkpoint_<step>.pth<random>) are
+    touched, never a complete checkpoint_<step>.pth. Call it when no save is in progress in
+    `output_dir` (at the start of a run).
+    """
+    if not os.path.isdir(output_dir):
+        return []
+    removed = []
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if _TEMP_NAME.match(name) and os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+    return removed
 
 
 def atomic_save(obj, path: str) -> None:

@@ -123,6 +123,7 @@ class TrainConfig:
     precision: str = "bf16"  # "bf16" (autocast, losses in fp32) or "fp32"
     device: str = "auto"  # "auto": cuda when available, else cpu
     num_workers: int = 8
+    threads: int = 0  # compute threads of the training process; 0: auto, the cores the data workers leave
     checkpoint_every: int = 1000  # steps; the last step is always saved
     keep_last: int = 3
     log_every: int = 10  # steps between metrics.jsonl lines
@@ -446,8 +447,14 @@ def save_config(cfg: Config, path: str) -> None:
 
 
 def load_config(path: str) -> Config:
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path} is not valid YAML{where} ({getattr(e, 'problem', None) or e}); fix it "
+                         "(--print-config shows the expected layout)") from None
     try:
         return config_from_dict(data)
     except ValueError as e:
@@ -527,6 +534,8 @@ def validate(cfg: Config) -> None:
     check(t.batch_size >= 2, "train.batch_size", "must be >= 2 (KoLeo needs a neighbour)")
     check(t.epochs >= 1, "train.epochs", "must be >= 1")
     check(t.epoch_length >= 0, "train.epoch_length", "must be >= 0 (0: len(dataset) // batch)")
+    check(t.num_workers >= 0, "train.num_workers", "must be >= 0 (0: load data in the training process)")
+    check(t.threads >= 0, "train.threads", "must be >= 0 (0: auto, the cores left by the data workers)")
     check(t.keep_last >= 1, "train.keep_last", "must be >= 1")
     check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     check(t.log_every >= 1, "train.log_every", "must be >= 1")

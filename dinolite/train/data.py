@@ -13,7 +13,7 @@ permutation e drawn from (seed, e); step s on rank r takes stream positions
 import numpy as np
 import torch
 
-from dinolite.data import MultiCropAugmentation
+from dinolite.data import DataError, MultiCropAugmentation
 from dinolite.masking import MaskingGenerator, collate_multicrop
 from dinolite.train.config import Config
 
@@ -61,8 +61,10 @@ class StepBatches(torch.utils.data.Dataset):
     def __init__(self, dataset, cfg: Config, total_steps: int, start_step: int = 0, rank: int = 0,
                  world_size: int = 1):
         if len(dataset) < cfg.train.batch_size * world_size:
-            raise ValueError(f"the dataset has {len(dataset)} images, fewer than one global batch "
-                             f"({cfg.train.batch_size} x {world_size}); lower train.batch_size")
+            most = len(dataset) // world_size
+            fix = f"set train.batch_size={most} (or less) or use more images" if most >= 2 else "use more images"
+            raise DataError(f"the dataset has {len(dataset)} images, fewer than one global batch "
+                            f"(train.batch_size={cfg.train.batch_size} x {world_size} processes); {fix}")
         self.dataset, self.cfg = dataset, cfg
         self.total_steps, self.start_step = total_steps, start_step
         self.rank, self.world_size = rank, world_size
