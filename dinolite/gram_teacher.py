@@ -7,7 +7,6 @@ at most 3 times, then frozen). It sees the student's global crops, optionally at
 resized to the student's before the Gram matrices are compared (`dinolite.losses.gram_loss`).
 """
 import copy
-import os
 
 import torch
 import torch.nn.functional as F
@@ -31,32 +30,6 @@ def resize_patch_grid(patches: torch.Tensor, grid: tuple[int, int], size: tuple[
     maps = patches.float().transpose(1, 2).reshape(batch, dim, h, w)
     maps = F.interpolate(maps, size=tuple(size), mode="bicubic", align_corners=False, antialias=False)
     return maps.flatten(2).transpose(1, 2)
-
-
-def checkpoint_file(source: str, step: int | None = None) -> str:
-    """The file to load a Gram teacher from: `source` itself, or checkpoint_<step>.pth of the run
-    directory `source` (its newest checkpoint if step is None). Clear errors name what exists."""
-    from dinolite.train.checkpoint import checkpoint_path, list_checkpoints
-
-    if os.path.isfile(source):
-        if step is not None:
-            raise ValueError(f"{source} is a file; a step ({step}) only selects a checkpoint in a run directory")
-        return source
-    if not os.path.isdir(source):
-        raise FileNotFoundError(f"Gram teacher checkpoint {source!r} not found: pass a run directory "
-                                "(with checkpoint_<step>.pth files) or a checkpoint file")
-    found = list_checkpoints(source)
-    if not found:
-        raise FileNotFoundError(f"{source} holds no checkpoint_<step>.pth file to take a Gram teacher from")
-    if step is None:
-        return found[-1][1]
-    path = checkpoint_path(source, step)
-    if not os.path.isfile(path):
-        kept = ", ".join(str(s) for s, _ in found)
-        raise FileNotFoundError(f"{source} has no checkpoint of step {step} (kept steps: {kept}); runs keep only "
-                                "the last train.keep_last checkpoints, so save the early teacher you want to "
-                                "anchor to (e.g. copy its checkpoint) before it is deleted")
-    return path
 
 
 class GramTeacher(nn.Module):
@@ -90,9 +63,15 @@ class GramTeacher(nn.Module):
     def load(self, source: str, step: int | None = None) -> "GramTeacher":
         """Load the backbone from a dinolite run directory (+ step), a dinolite checkpoint, or an
         official-layout file (strictly, via dinolite.hub.load_official). Returns self."""
-        path = checkpoint_file(source, step)
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        hub.load_official(self.backbone, state)
+        from dinolite.train.checkpoint import CheckpointError, resolve_checkpoint  # here: avoids an import cycle
+
+        path = resolve_checkpoint(source, step)
+        try:
+            hub.load_official(self.backbone, torch.load(path, map_location="cpu", weights_only=False))
+        except ValueError as e:
+            first_problem = (str(e).splitlines()[1:] or [str(e)])[0].strip()  # line 0 is a heading
+            raise CheckpointError(f"the Gram teacher {path} does not fit the model ({first_problem}, ...): anchor "
+                                  "to a checkpoint of a run with the same model.* settings") from None
         return self
 
     def should_refresh(self, step: int) -> bool:

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from dinolite import hub
-from dinolite.gram_teacher import GramTeacher, checkpoint_file, resize_patch_grid
+from dinolite.gram_teacher import GramTeacher, resize_patch_grid
 from dinolite.models import vit_tiny
-from dinolite.train.checkpoint import save_checkpoint
+from dinolite.train.checkpoint import CheckpointError, resolve_checkpoint, save_checkpoint
 
 
 def tiny(seed=0, **kwargs):
@@ -76,7 +76,7 @@ def test_load_from_run_directory_step_checkpoint_and_official_file(tmp_path):
         save_checkpoint(state, str(tmp_path), step)
     gram = GramTeacher(tiny()).load(str(tmp_path), step=5)
     assert all(torch.equal(a, b) for a, b in zip(gram.backbone.state_dict().values(), early.state_dict().values()))
-    assert checkpoint_file(str(tmp_path)).endswith("checkpoint_00000009.pth")  # newest by default
+    assert resolve_checkpoint(str(tmp_path)).endswith("checkpoint_00000009.pth")  # newest by default
     with pytest.raises(FileNotFoundError, match="kept steps: 5, 9"):
         GramTeacher(tiny()).load(str(tmp_path), step=7)
     official = tmp_path / "official.pth"
@@ -85,8 +85,8 @@ def test_load_from_run_directory_step_checkpoint_and_official_file(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(gram.backbone.state_dict().values(), late.state_dict().values()))
     with pytest.raises(FileNotFoundError, match="not found"):
         GramTeacher(tiny()).load(str(tmp_path / "nowhere"))
-    with pytest.raises(ValueError, match="a step"):
-        checkpoint_file(str(official), step=3)
+    with pytest.raises(CheckpointError, match="a step"):
+        resolve_checkpoint(str(official), step=3)
 
 
 def test_high_resolution_teacher_features_on_the_student_grid():
@@ -96,3 +96,12 @@ def test_high_resolution_teacher_features_on_the_student_grid():
     assert features.shape == (2, 16, 32) and features.dtype == torch.float32
     full = teacher.backbone.forward_features(high_res)["x_norm_patchtokens"]
     torch.testing.assert_close(features, resize_patch_grid(full, (8, 8), (4, 4)))
+
+
+def test_a_teacher_of_another_architecture_is_a_one_line_error(tmp_path):
+    from dinolite.train.checkpoint import CheckpointError
+
+    torch.save(hub.export_official(tiny(depth=3)), tmp_path / "deeper.pth")
+    with pytest.raises(CheckpointError, match=r"does not fit the model \(unexpected key: blocks\.2\.") as error:
+        GramTeacher(tiny()).load(str(tmp_path / "deeper.pth"))
+    assert "\n" not in str(error.value)

@@ -9,7 +9,7 @@ from dinolite.losses import gram_loss
 from dinolite.train import DINOv2MetaArch
 from dinolite.train.data import StepBatches
 
-from tests.test_train import _run, micro_config
+from tests.test_train import MICRO, _run, micro_config
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,48 @@ def test_gram_run_logs_weights_and_resumes_exactly_with_refreshes(base_run, tmp_
 def test_missing_gram_teacher_step_is_a_clear_error(base_run):
     with pytest.raises(FileNotFoundError, match="kept steps: 4, 6"):
         DINOv2MetaArch(gram_config(base_run, "gram.teacher_step=2"))
+
+
+# ----------------------------------------------------------------------------- continuing a run
+
+def test_continue_from_starts_at_the_runs_step_with_its_weights(base_run, tmp_path):
+    cfg = gram_config(base_run, "train.epochs=3")  # the base run ends at step 6; this config at step 9
+    same = _run(cfg, tmp_path / "a", continue_from=f"{base_run}@6", stop_at_step=6)
+    assert same.completed_steps == 6  # nothing trained: the weights are the checkpoint's
+    saved = torch.load(base_run / "checkpoint_00000006.pth", weights_only=False)
+    for part in ("student", "teacher"):
+        assert all(torch.equal(v, saved[part][k]) for k, v in getattr(same, part).state_dict().items())
+    further = _run(cfg, tmp_path / "b", continue_from=str(base_run))  # newest checkpoint: step 6
+    assert further.completed_steps == 9
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "metrics.jsonl") if '"loss"' in line]
+    assert steps == [7, 8, 9]
+
+
+def test_continue_from_errors_are_clear(base_run, tmp_path):
+    from dinolite.train.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="does not fit this config") as error:
+        _run(micro_config("model.depth=3", "train.epochs=3"), tmp_path / "c", continue_from=str(base_run))
+    assert "\n" not in str(error.value)
+    with pytest.raises(CheckpointError, match="raise train.epochs"):
+        _run(micro_config(), tmp_path / "d", continue_from=str(base_run))
+    with pytest.raises(CheckpointError, match="kept steps: 4, 6"):
+        _run(micro_config("train.epochs=3"), tmp_path / "e", continue_from=f"{base_run}@5")
+
+
+def test_cli_gram_refinement_is_one_command(base_run, tmp_path, capsys):
+    from dinolite.train.__main__ import main
+
+    out = tmp_path / "refined"
+    args = ["--config", "tiny-cpu", "--data", "builtin:n=48,size=32", "--output-dir", str(out),
+            "--continue-from", str(base_run), *MICRO, "train.epochs=3", "gram.weight=1.0",
+            f"gram.teacher={base_run}", "gram.teacher_step=4"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "continuing from step 6" in printed and "done: 9/9 steps" in printed
+    records = [json.loads(line) for line in open(out / "metrics.jsonl") if '"gram"' in line]
+    assert [r["step"] for r in records] == [7, 8, 9] and all(r["gram_weight"] == 1.0 for r in records)
+    # A wrong teacher step is one line on stderr and exit code 2.
+    assert main(args[:-1] + ["gram.teacher_step=5"] + ["--output-dir", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "kept steps: 4, 6" in err and "\n" not in err

@@ -87,3 +87,35 @@ def save_checkpoint(state: dict, output_dir: str, step: int, keep_last: int = 3)
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     # weights_only=False: the state holds plain Python containers and numbers we wrote ourselves.
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint to continue from, or to take a Gram teacher from, is missing or does not fit."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint file, run directory or step does not exist."""
+
+
+def resolve_checkpoint(source: str, step: int | None = None) -> str:
+    """The checkpoint file `source` itself, or checkpoint_<step>.pth of the run directory `source`
+    (its newest checkpoint if step is None). Errors name what exists."""
+    if os.path.isfile(source):
+        if step is not None:
+            raise CheckpointError(f"{source} is a file; a step ({step}) only selects a checkpoint in a run directory")
+        return source
+    if not os.path.isdir(source):
+        raise CheckpointNotFoundError(f"checkpoint {source!r} not found: give a run directory (with "
+                                      "checkpoint_<step>.pth files) or a checkpoint file")
+    found = list_checkpoints(source)
+    if not found:
+        raise CheckpointNotFoundError(f"{source} holds no checkpoint_<step>.pth file")
+    if step is None:
+        return found[-1][1]
+    path = checkpoint_path(source, step)
+    if not os.path.isfile(path):
+        kept = ", ".join(str(s) for s, _ in found)
+        raise CheckpointNotFoundError(f"{source} has no checkpoint of step {step} (kept steps: {kept}); a run keeps "
+                                      "only its last train.keep_last checkpoints, so copy a checkpoint you will need "
+                                      "later (e.g. an early Gram teacher) before it is deleted")
+    return path

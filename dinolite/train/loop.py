@@ -20,7 +20,14 @@ import torch
 from dinolite import distributed
 from dinolite.ema import ema_update_
 from dinolite.monitor import CollapseMonitor, check_teacher
-from dinolite.train.checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temp_files, save_checkpoint
+from dinolite.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_stale_temp_files,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from dinolite.train.config import Config, config_diff, config_from_dict, config_to_dict, load_config, save_config
 from dinolite.train.data import _MODEL, StepBatches, derive_seed, move_batch
 from dinolite.train.meta_arch import DINOv2MetaArch
@@ -142,6 +149,26 @@ def restore_training_state(state: dict, arch: DINOv2MetaArch, optimizer) -> int:
     return int(state["step"])
 
 
+def continue_training_state(state: dict, arch: DINOv2MetaArch, optimizer, source: str) -> int:
+    """Start a new run (a new config) from another run's checkpoint: its student, teacher, centering and
+    optimiser state and its step count, as DINOv3's Gram-anchoring stage continues the pre-training
+    run. The Gram teacher is not taken from it (see gram.teacher). Returns the step to start at."""
+    try:
+        arch.student.load_state_dict(state["student"], strict=True)
+        arch.teacher.load_state_dict(state["teacher"], strict=True)
+        for name in ("dino_center", "ibot_center"):
+            if hasattr(arch, name) != (name in state["centers"]):
+                raise ValueError("loss.centering differs")
+            if hasattr(arch, name):
+                getattr(arch, name).load_state_dict(state["centers"][name], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{source} does not fit this config ({first_line}): continue with the same "
+                              "model, head and centering settings as that run") from None
+    return int(state["step"])
+
+
 def _check_resume_config(output_dir: str, cfg: Config) -> None:
     saved_path = os.path.join(output_dir, "config.yaml")
     if not os.path.exists(saved_path):
@@ -251,7 +278,8 @@ def _small_batch_warning(cfg: Config, world_size: int) -> str | None:
 
 
 def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | None = None,
-          knn_data="auto", device=None, progress: bool | None = None) -> DINOv2MetaArch:
+          knn_data="auto", device=None, progress: bool | None = None,
+          continue_from: str | None = None) -> DINOv2MetaArch:
     """Train DINOv2 with `cfg` on `data` and return the meta-architecture (teacher and student).
 
     Args:
@@ -266,6 +294,9 @@ def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | 
         knn_data: "auto" (a labelled held-out split when the data has one, see knn_datasets),
             None (no kNN), or a (train, held-out) pair of labelled datasets.
         device, progress: override cfg.train.device / cfg.train.progress.
+        continue_from: "RUN_DIR", "RUN_DIR@STEP" or a checkpoint file: when output_dir holds no checkpoint
+            yet, start from that checkpoint's weights, optimiser state and step with this (new) config,
+            e.g. a Gram-anchoring stage after pre-training. Ignored once output_dir has a checkpoint (resume).
     The returned module has `history`: the list of logged records (also in metrics.jsonl).
     It runs with intra_op_threads(cfg.train.threads, cfg.train.num_workers) compute threads and
     restores the previous number afterwards.
@@ -273,12 +304,19 @@ def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(intra_op_threads(cfg.train.threads, cfg.train.num_workers))
     try:
-        return _train(cfg, data, output_dir, stop_at_step, knn_data, device, progress)
+        return _train(cfg, data, output_dir, stop_at_step, knn_data, device, progress, continue_from)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progress) -> DINOv2MetaArch:
+def _parse_run_and_step(source: str) -> tuple[str, int | None]:
+    """"runs/x@200" -> ("runs/x", 200); anything else -> (source, None)."""
+    run, _, step = source.rpartition("@")
+    return (run, int(step)) if run and step.isdigit() else (source, None)
+
+
+def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progress,
+           continue_from=None) -> DINOv2MetaArch:
     from dinolite.data import build_dataset
 
     t = cfg.train
@@ -337,6 +375,14 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
             start_step = restore_training_state(state, arch, optimizer)
             if is_main:
                 print(f"resuming from step {start_step} (checkpoint {path})")
+    if continue_from and start_step == 0:
+        source = resolve_checkpoint(*_parse_run_and_step(continue_from))
+        start_step = continue_training_state(load_checkpoint(source, map_location=device), arch, optimizer, source)
+        if start_step >= total_steps:
+            raise CheckpointError(f"{source} is at step {start_step} but this config ends at step {total_steps}: "
+                                  "raise train.epochs to train further")
+        if is_main:
+            print(f"continuing from step {start_step} of {source} with the new config")
     batches = StepBatches(dataset, cfg, total_steps, start_step, rank, world_size)  # checks the data size
     if output_dir and is_main:
         save_config(cfg, os.path.join(output_dir, "config.yaml"))

@@ -26,6 +26,7 @@ from dinolite.gram_teacher import GramTeacher
 from dinolite.heads import DINOHead
 from dinolite.losses import DINOLoss, IBOTPatchLoss, gram_loss, koleo_loss
 from dinolite.models import VisionTransformer
+from dinolite.train.checkpoint import CheckpointError
 from dinolite.train.config import Config
 
 
@@ -98,7 +99,7 @@ class DINOv2MetaArch(nn.Module):
         if cfg.gram.weight > 0:
             g = cfg.gram
             if not g.teacher:
-                raise ValueError("gram.weight > 0 needs a Gram teacher: set gram.teacher=RUN_DIR (with "
+                raise CheckpointError("gram.weight > 0 needs a Gram teacher: set gram.teacher=RUN_DIR (with "
                                  "gram.teacher_step=STEP), a checkpoint file or an official-layout file")
             self.gram_teacher = GramTeacher(self.student.backbone, g.update_every, g.first_update, g.max_updates)
             self.gram_teacher.load(g.teacher, None if g.teacher_step < 0 else g.teacher_step).to(device)
