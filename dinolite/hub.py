@@ -20,7 +20,7 @@ from torch import Tensor
 from . import models
 
 __all__ = ["load_official", "export_official", "from_pretrained", "official_to_dinolite", "HUB_MODELS",
-           "hub_filename", "hub_url"]
+           "DINOV3_ARCHS", "hub_filename", "hub_url"]
 
 _CHUNKED_BLOCK = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.+)$")
 
@@ -130,11 +130,28 @@ def export_official(model: models.VisionTransformer) -> dict[str, Tensor]:
     return out
 
 
-# ----------------------------------------------------------------------------- DINOv2 hub models
+# ----------------------------------------------------------------------------- hub models (DINOv2, DINOv3)
 
 _HUB_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
 _ARCHS = {"s": models.vit_small, "b": models.vit_base, "l": models.vit_large, "g": models.vit_giant2}
-HUB_MODELS = [f"dinov2_vit{a}14{reg}" for a in _ARCHS for reg in ("", "_reg")]
+DINOV2_MODELS = [f"dinov2_vit{a}14{reg}" for a in _ARCHS for reg in ("", "_reg")]
+
+
+# ----------------------------------------------------------------------------- DINOv3 hub models
+# The released LVD-1689M backbones (all patch 16, 4 storage tokens, RoPE base 100 with rescale 2 in training,
+# LayerScale, LayerNorm eps 1e-5, key-bias mask): name -> (dim, depth, heads, FFN, FFN ratio, file hash).
+# SwiGLU here is DINOv3's w1/w2/w3 layout; 2/3 x ratio x dim is already a multiple of 64 for each model.
+_DINOV3_BASE_URL = "https://dl.fbaipublicfiles.com/dinov3"
+DINOV3_ARCHS = {
+    "dinov3_vits16": (384, 12, 6, "mlp", 4.0, "08c60483"),
+    "dinov3_vits16plus": (384, 12, 6, "swiglu64", 6.0, "4057cbaa"),
+    "dinov3_vitb16": (768, 12, 12, "mlp", 4.0, "73cec8be"),
+    "dinov3_vitl16": (1024, 24, 16, "mlp", 4.0, "8aa4cbdd"),
+    "dinov3_vitl16plus": (1024, 24, 16, "swiglu64", 6.0, "46503df0"),
+    "dinov3_vith16plus": (1280, 32, 20, "swiglu64", 6.0, "7c1da9a5"),
+    "dinov3_vit7b16": (4096, 40, 32, "swiglu64", 3.0, "a955f4ea"),  # no qkv bias, untied local-CLS norm
+}
+HUB_MODELS = DINOV2_MODELS + list(DINOV3_ARCHS)
 
 
 def _check_name(name: str) -> None:
@@ -143,20 +160,33 @@ def _check_name(name: str) -> None:
 
 
 def hub_filename(name: str) -> str:
-    """dinov2_vits14 -> dinov2_vits14_pretrain.pth, dinov2_vits14_reg -> dinov2_vits14_reg4_pretrain.pth."""
+    """dinov2_vits14 -> dinov2_vits14_pretrain.pth, dinov2_vits14_reg -> dinov2_vits14_reg4_pretrain.pth,
+    dinov3_vits16 -> dinov3_vits16_pretrain_lvd1689m-08c60483.pth."""
     _check_name(name)
+    if name in DINOV3_ARCHS:
+        return f"{name}_pretrain_lvd1689m-{DINOV3_ARCHS[name][-1]}.pth"
     base = name.removesuffix("_reg")
     return f"{base}_reg4_pretrain.pth" if name.endswith("_reg") else f"{base}_pretrain.pth"
 
 
 def hub_url(name: str) -> str:
-    """Official download address of a DINOv2 hub backbone."""
+    """Official download address of a hub backbone (DINOv3's are served after accepting its license)."""
+    if name in DINOV3_ARCHS:
+        return f"{_DINOV3_BASE_URL}/{name}/{hub_filename(name)}"
     return f"{_HUB_BASE_URL}/{name.removesuffix('_reg')}/{hub_filename(name)}"
 
 
 def build_hub_model(name: str) -> models.VisionTransformer:
-    """The architecture of a DINOv2 hub model, randomly initialised (img_size 518, LayerScale 1.0)."""
+    """The architecture of a hub model, randomly initialised. DINOv2: img_size 518, LayerScale 1.0;
+    DINOv3: RoPE, 4 storage tokens, eps 1e-5, key-bias mask (and the 7B's specifics)."""
     _check_name(name)
+    if name in DINOV3_ARCHS:
+        dim, depth, heads, ffn, ratio, _ = DINOV3_ARCHS[name]
+        is_7b = name == "dinov3_vit7b16"
+        return models.VisionTransformer(
+            img_size=224, patch_size=16, embed_dim=dim, depth=depth, num_heads=heads, ffn=ffn, ffn_ratio=ratio,
+            qkv_bias=not is_7b, num_register_tokens=4, pos_embed="rope", rope_rescale_coords=2.0,
+            layerscale_init=1e-5, mask_k_bias=True, untie_global_and_local_cls_norm=is_7b, norm_eps=1e-5)
     constructor = _ARCHS[name[len("dinov2_vit")]]
     kwargs = dict(img_size=518, patch_size=14, layerscale_init=1.0)
     if name.endswith("_reg"):
@@ -167,6 +197,11 @@ def build_hub_model(name: str) -> models.VisionTransformer:
 def _fetch_hint(name: str) -> str:
     """Where to get the weights of hub model `name` and where to put them."""
     cache = Path(torch.hub.get_dir()) / "checkpoints"
+    if name in DINOV3_ARCHS:
+        return (f"dinolite never downloads. The DINOv3 weights are given out after accepting Meta's DINOv3 license "
+                f"(see the facebookresearch/dinov3 README); the download link you receive ends in "
+                f"{hub_filename(name)}. Save the file as {cache / hub_filename(name)} or pass path=... to "
+                f"from_pretrained.")
     return (f"dinolite never downloads: fetch {hub_url(name)} and either save it as {cache / hub_filename(name)} "
             f"or pass path=... to from_pretrained, e.g.\n"
             f"  mkdir -p {cache} && curl -L -o {cache / hub_filename(name)} {hub_url(name)}")
@@ -189,9 +224,11 @@ def _not_a_checkpoint(name: str, file: Path, expected_bytes: int, problem: str) 
 
 
 def from_pretrained(name: str, path: str | os.PathLike | None = None) -> models.VisionTransformer:
-    """Build a DINOv2 hub model and load its weights from path or the torch.hub cache. Never downloads.
+    """Build a hub model and load its weights from path or the torch.hub cache. Never downloads.
 
-    name: dinov2_vit{s,b,l,g}14 or dinov2_vit{s,b,l,g}14_reg. Returns the model in eval mode.
+    name: dinov2_vit{s,b,l,g}14, dinov2_vit{s,b,l,g}14_reg, or a DINOv3 name (DINOV3_ARCHS: dinov3_vits16,
+    dinov3_vits16plus, dinov3_vitb16, dinov3_vitl16, dinov3_vitl16plus, dinov3_vith16plus, dinov3_vit7b16).
+    Returns the model in eval mode.
     A missing file, or one that is not a state dict (an HTML page, a truncated download), is an
     error that says which file to fetch and where to put it.
     """

@@ -212,7 +212,9 @@ def test_hub_names_and_urls():
     assert hub.hub_filename("dinov2_vitg14_reg") == "dinov2_vitg14_reg4_pretrain.pth"
     assert hub.hub_url("dinov2_vitb14_reg") == \
         "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"
-    assert len(hub.HUB_MODELS) == 8
+    assert len(hub.HUB_MODELS) == 8 + 7
+    assert hub.hub_filename("dinov3_vits16") == "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"
+    assert hub.hub_filename("dinov3_vith16plus") == "dinov3_vith16plus_pretrain_lvd1689m-7c1da9a5.pth"
     with pytest.raises(ValueError, match="dinov2_vits14_reg"):
         hub.from_pretrained("dinov2_vits16")
 
@@ -281,3 +283,56 @@ def test_from_pretrained_on_a_file_that_is_not_a_checkpoint(tmp_path, monkeypatc
     assert "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth" in message
     assert str(tmp_path / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth") in message
     assert "weights_only" not in message  # torch's advice to unpickle untrusted code is not passed on
+
+
+def dinov3_parameter_count(dim, depth, ffn, ratio, qkv_bias=True, local_cls_norm=False):
+    """Parameters of a released DINOv3 ViT from its published shapes (REFERENCE.md): patch embedding 16 x 16,
+    CLS + 4 storage tokens + mask token, per block 2 LayerNorms, qkv, proj, 2 LayerScales and the FFN
+    (MLP: fc1/fc2 with hidden ratio x dim; SwiGLU: w1, w2 [hidden, dim], w3 [dim, hidden], hidden = 2/3 ratio dim),
+    the final norm (and the 7B's local-CLS norm)."""
+    embed = 3 * 16 * 16 * dim + dim + dim + 4 * dim + dim
+    attention = 3 * dim * dim + (3 * dim if qkv_bias else 0) + dim * dim + dim
+    if ffn == "mlp":
+        hidden = int(ratio * dim)
+        ffn_params = 2 * hidden * dim + hidden + dim
+    else:
+        hidden = int(2 / 3 * ratio * dim)
+        ffn_params = 2 * (hidden * dim + hidden) + dim * hidden + dim
+    block = 2 * 2 * dim + attention + 2 * dim + ffn_params
+    return embed + depth * block + 2 * dim + (2 * dim if local_cls_norm else 0)
+
+
+@pytest.mark.parametrize("name", list(hub.DINOV3_ARCHS))
+def test_dinov3_family_architectures_and_parameter_counts(name):
+    dim, depth, heads, ffn, ratio, _ = hub.DINOV3_ARCHS[name]
+    with torch.device("meta"):
+        net = hub.build_hub_model(name)
+    is_7b = name == "dinov3_vit7b16"
+    expected = dinov3_parameter_count(dim, depth, ffn, ratio, qkv_bias=not is_7b, local_cls_norm=is_7b)
+    assert sum(p.numel() for p in net.parameters()) == expected
+    assert (net.patch_size, net.embed_dim, len(net.blocks), net.num_heads, net.num_register_tokens) == (16, dim, depth, heads, 4)
+    assert net.norm_eps == 1e-5 and net.rope_embed is not None and net.blocks[0].attn.mask_k_bias == (not is_7b)
+    # The model card's sizes in millions are approximate (21.6 M is listed as 21 M, 303 M as 300 M): within 3%.
+    published = {"dinov3_vits16": 21, "dinov3_vits16plus": 29, "dinov3_vitb16": 86, "dinov3_vitl16": 300,
+                 "dinov3_vith16plus": 840, "dinov3_vit7b16": 6716}
+    if name in published:
+        assert abs(expected / 1e6 - published[name]) < 0.03 * published[name]
+    if is_7b:
+        assert round(expected / 1e6) == 6716  # REFERENCE.md: 6716 M
+
+
+def test_dinov3_from_pretrained_offline(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in hub.export_official(hub.build_hub_model("dinov3_vits16")).items()}
+    state = {k: torch.randn(shape) for k, shape in shapes.items()}
+    assert "storage_tokens" in state and "rope_embed.periods" in state and "blocks.0.attn.qkv.bias_mask" in state
+    file = tmp_path / hub.hub_filename("dinov3_vits16")
+    torch.save(state, file)
+    net = hub.from_pretrained("dinov3_vits16", path=file)
+    assert torch.equal(net.register_tokens, state["storage_tokens"]) and net.norm.eps == 1e-5
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match="license") as error:
+        hub.from_pretrained("dinov3_vitb16")
+    assert "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth" in str(error.value)
+
