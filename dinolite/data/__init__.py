@@ -18,6 +18,7 @@ from dinolite.data.datasets import (
     SHAPE_CLASSES,
     TEXTURE_CLASSES,
     ImageFolderDataset,
+    ImageListDataset,
     SyntheticShapes,
     SyntheticTextures,
     TorchvisionDataset,
