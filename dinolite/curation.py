@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 
 # Pools up to this size are searched exactly (faiss.IndexFlatIP); larger ones with an IVF index.
 # Measured (find_duplicates on make_pool of benchmarks/curation.py, 256-d, k = 64, a busy 2-core
-# CPU): IVF / exact time 1.0 at 5k, 0.8 at 10k, 0.6 at 20k, 0.25 at 60k, with the same planted
-# copies found. The exact search costs N^2 D but runs as a matrix product; IVF scans only
-# nprobe / nlist of the pool, list by list, and must first train its cells.
+# CPU): IVF / exact time 1.0 at 5k, 0.8 at 10k, 0.65 at 20k, with every planted copy found by
+# both. The exact search costs N^2 D but runs as a matrix product; IVF scans only nprobe / nlist
+# of the pool, list by list, and must first train its cells, so it wins only on larger pools.
 EXACT_SEARCH_MAX = 10_000
 
 
