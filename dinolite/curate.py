@@ -29,7 +29,7 @@ from dinolite import curation
 def build_parser() -> argparse.ArgumentParser:
     from dinolite.data import DATA_SPEC_FORMS
 
-    parser = argparse.ArgumentParser(prog="python -m dinolite.curate", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m dinolite.curate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="data specs:\n  " + "\n  ".join(DATA_SPEC_FORMS))
     parser.add_argument("--data", required=True, help="the uncurated pool (a data spec)")
@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: config.yaml beside it; tiny-cpu without --checkpoint)")
     parser.add_argument("--image-size", type=int, help="embedding resolution (default: the recipe's global crop size)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--dedup-threshold", type=float, default=0.6, help="cosine similarity of copies (DINOv2: 0.6)")
+    parser.add_argument("--dedup-threshold", type=float, default=0.6,
+                        help="cosine similarity of copies (DINOv2: 0.6, for a copy-detection network; a DINO [CLS] "
+                        "embedding needs a much higher one: pick it from planted copies, see chapter 12)")
     parser.add_argument("--dedup-k", type=int, default=64, help="neighbours per image in copy detection (DINOv2: 64)")
     parser.add_argument("--retrieve-k", type=int, default=4, help="pool images kept per seed image (DINOv2: 4)")
     parser.add_argument("--levels", help="clusters per k-means level, finest first, e.g. 100,20 "
