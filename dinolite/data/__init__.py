@@ -20,6 +20,7 @@ from dinolite.data.datasets import (
     DataError,
     DataNotFoundError,
     ImageFolderDataset,
+    ImageListDataset,
     SyntheticShapes,
     SyntheticTextures,
     TorchvisionDataset,

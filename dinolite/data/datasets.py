@@ -1,5 +1,6 @@
-"""Datasets: any image folder, torchvision datasets already on disk, and two built-in labelled
-datasets that need no download: SyntheticShapes (with segmentation masks) and SyntheticTextures.
+"""Datasets: any image folder, a list file of image paths, torchvision datasets already on disk,
+and two built-in labelled datasets that need no download: SyntheticShapes (with segmentation
+masks) and SyntheticTextures.
 
 Every dataset returns (image, label) with image a PIL RGB image (or ``transform(image)``)
 and label an int (-1 when unknown). ``build_dataset(spec)`` parses the CLI ``--data`` string;
@@ -113,6 +114,43 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 continue
             return (self.transform(image) if self.transform is not None else image), label
         raise RuntimeError(f"no image under {self.root} could be decoded")
+
+
+class ImageListDataset(ImageFolderDataset):
+    """The images named in a text file, one per line: ``PATH`` or ``PATH<TAB>LABEL``.
+
+    Relative paths are relative to the list file's folder; blank lines and lines starting with
+    ``#`` are skipped. LABEL is an integer class id (-1 or none: unlabelled); ``classes`` are the
+    ids as strings, 0 .. max label. ``python -m dinolite.curate`` writes such files. Every listed
+    file must exist (checked when the list is read); decoding errors are handled as in
+    ImageFolderDataset (one warning, then the next readable image).
+    """
+
+    def __init__(self, list_file, transform=None):
+        self.root = Path(list_file).expanduser()
+        if not self.root.is_file():
+            raise FileNotFoundError(f"image list {self.root} does not exist; expected a text file with one image "
+                                    "path per line, optionally followed by a tab and an integer label")
+        self.transform = transform
+        self.samples, self.skipped, self._failed = [], [], set()
+        for number, line in enumerate(self.root.read_text().splitlines(), start=1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            path, _, label = line.rstrip("\r\n").partition("\t")
+            path = Path(path).expanduser()
+            path = path if path.is_absolute() else self.root.parent / path
+            if not path.is_file():
+                raise FileNotFoundError(f"{self.root} line {number}: image {path} does not exist "
+                                        "(relative paths are relative to the list file's folder)")
+            try:
+                label = int(label) if label.strip() else -1
+            except ValueError:
+                raise ValueError(f"{self.root} line {number}: label {label!r} is not an integer; write "
+                                 "PATH<TAB>LABEL with an integer class id, or PATH alone") from None
+            self.samples.append((path, label))
+        if not self.samples:
+            raise ValueError(f"image list {self.root} names no images (blank lines and # comments are skipped)")
+        self.classes = [str(c) for c in range(max(label for _, label in self.samples) + 1)]
 
 
 # --------------------------------------------------------------------------------------
@@ -535,6 +573,7 @@ DATA_SPEC_FORMS = (
     "builtin  |  builtin:n=2000,size=64,seed=0,style=plain   (SyntheticShapes, no download; style full|plain)",
     "textures |  textures:n=2000,size=32,seed=0   (SyntheticTextures, 12 gray pattern classes, no download)",
     "folder:PATH  or an existing directory PATH   (images, optionally one subfolder per class)",
+    "list:FILE    (one image path per line, optionally TAB + integer label; paths relative to FILE's folder)",
     "cifar10:ROOT   (torchvision CIFAR-10 already downloaded under ROOT)",
     "stl10:ROOT     (torchvision STL-10 train+unlabeled under ROOT)",
     "imagenette:ROOT (torchvision Imagenette under ROOT)",
@@ -585,12 +624,14 @@ def build_dataset(spec: str, transform=None, train: bool = True, return_mask: bo
     if kind == "textures":
         o = _parse_options(spec, arg, {"n": 10000, "size": 32, "seed": 0}, {})
         return SyntheticTextures(num_images=o["n"], image_size=o["size"], seed=o["seed"], transform=transform)
-    if kind in ("folder", "cifar10", "stl10", "imagenette"):
+    if kind in ("folder", "list", "cifar10", "stl10", "imagenette"):
         if not arg:
             raise _spec_error(spec, f"{kind} needs a path after the colon")
         root = os.path.expanduser(arg)
         if kind == "folder":
             return ImageFolderDataset(root, transform=transform)
+        if kind == "list":
+            return ImageListDataset(root, transform=transform)
         if kind == "cifar10":
             return cifar10(root, train=train, transform=transform)
         if kind == "stl10":
