@@ -119,3 +119,17 @@ def test_cli_gram_refinement_is_one_command(base_run, tmp_path, capsys):
     assert main(args[:-1] + ["gram.teacher_step=5"] + ["--output-dir", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "kept steps: 4, 6" in err and "\n" not in err
+
+
+def test_continue_from_a_checkpoint_without_optimiser_state(base_run, tmp_path):
+    from dinolite.train.checkpoint import weights_only_state
+
+    full = torch.load(base_run / "checkpoint_00000006.pth", weights_only=False)
+    light = weights_only_state(full)
+    assert "optimizer" not in light and set(light) == set(full) - {"optimizer"}
+    torch.save(light, tmp_path / "weights.pth")
+    assert (tmp_path / "weights.pth").stat().st_size < 0.55 * (base_run / "checkpoint_00000006.pth").stat().st_size
+    arch = _run(gram_config(base_run, "train.epochs=3"), tmp_path / "run", continue_from=str(tmp_path / "weights.pth"))
+    assert arch.completed_steps == 9
+    half = weights_only_state(full, dtype=torch.float16)
+    assert half["student"]["backbone.cls_token"].dtype == torch.float16 and half["step"] == 6

@@ -89,6 +89,20 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
+def weights_only_state(state: dict, dtype=None) -> dict:
+    """A training checkpoint without its optimiser state (AdamW keeps two moments per weight: half the size), with
+    the floating-point weights optionally cast to `dtype`: enough to continue training with a fresh optimiser
+    (train(..., continue_from=...)), to anchor to (GramTeacher.load) or to evaluate."""
+    def cast(tree):
+        if isinstance(tree, dict):
+            return {k: cast(v) for k, v in tree.items()}
+        if dtype is not None and isinstance(tree, torch.Tensor) and tree.is_floating_point():
+            return tree.to(dtype)
+        return tree
+
+    return {k: cast(v) for k, v in state.items() if k != "optimizer"}
+
+
 class CheckpointError(ValueError):
     """A checkpoint to continue from, or to take a Gram teacher from, is missing or does not fit."""
 

@@ -152,7 +152,9 @@ def restore_training_state(state: dict, arch: DINOv2MetaArch, optimizer) -> int:
 def continue_training_state(state: dict, arch: DINOv2MetaArch, optimizer, source: str) -> int:
     """Start a new run (a new config) from another run's checkpoint: its student, teacher, centering and
     optimiser state and its step count, as DINOv3's Gram-anchoring stage continues the pre-training
-    run. The Gram teacher is not taken from it (see gram.teacher). Returns the step to start at."""
+    run. The Gram teacher is not taken from it (see gram.teacher). A checkpoint saved without optimiser
+    state (a smaller file: dinolite.train.checkpoint.weights_only_state) starts AdamW afresh. Returns the
+    step to start at."""
     try:
         arch.student.load_state_dict(state["student"], strict=True)
         arch.teacher.load_state_dict(state["teacher"], strict=True)
@@ -161,7 +163,8 @@ def continue_training_state(state: dict, arch: DINOv2MetaArch, optimizer, source
                 raise ValueError("loss.centering differs")
             if hasattr(arch, name):
                 getattr(arch, name).load_state_dict(state["centers"][name], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
     except (KeyError, RuntimeError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{source} does not fit this config ({first_line}): continue with the same "
