@@ -1,0 +1,85 @@
+"""The committed reference checkpoints (book/weights/): their hashes match reference.json, they load
+strictly (dinolite.hub.load_official and GramTeacher.load), and one recorded metric re-measures."""
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinolite import hub
+from dinolite.data import EvalTransform, SyntheticShapes
+from dinolite.eval import extract_features, patch_similarity_agreement
+from dinolite.gram_teacher import GramTeacher
+from dinolite.train.config import config_from_dict
+from dinolite.train.meta_arch import build_backbone
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "book" / "weights"
+REFERENCE = json.loads((WEIGHTS / "reference.json").read_text())
+ROLES = sorted(REFERENCE["weights"])
+
+
+def test_both_teachers_are_recorded():
+    assert ROLES == ["early", "late"]
+    early, late = REFERENCE["weights"]["early"], REFERENCE["weights"]["late"]
+    assert early["step"] < late["step"] == REFERENCE["total_steps"]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_reference_weights_hash_size_and_strict_load(role):
+    entry = REFERENCE["weights"][role]
+    path = WEIGHTS / entry["file"]
+    data = path.read_bytes()
+    assert len(data) == entry["bytes"] <= 5 * 1024 * 1024
+    assert hashlib.sha256(data).hexdigest() == entry["sha256"], f"{path.name} differs from reference.json"
+    cfg = config_from_dict(REFERENCE["config"])
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    backbone = hub.load_official(build_backbone(cfg), state)
+    teacher = GramTeacher(build_backbone(cfg)).load(str(path))
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(teacher.backbone.state_dict()[key], value)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_reference_weights_remeasure_patch_agreement(role):
+    """The recorded within-image patch-similarity AUC on 100 held-out shapes (no fitting: only
+    float rounding differs between CPUs, far below the stated tolerance)."""
+    quick, entry = REFERENCE["quick_check"], REFERENCE["weights"][role]
+    cfg = config_from_dict(REFERENCE["config"])
+    backbone = hub.load_official(build_backbone(cfg), torch.load(WEIGHTS / entry["file"], weights_only=True))
+    data = SyntheticShapes(quick["test_images"], cfg.crops.global_size, seed=quick["test_seed"],
+                           transform=EvalTransform(None, None), return_mask=True)
+    feats = extract_features(backbone, data, patch_tokens=True, progress=False)
+    auc = patch_similarity_agreement(feats["patch"], feats["masks"], 13, min_purity=quick["min_purity"])["auc"]
+    assert auc == pytest.approx(entry["metrics"]["quick_patch_agreement_auc"], abs=quick["tolerance"])
+
+
+def test_dense_probe_separates_the_trained_teacher_from_random_init_and_the_baselines():
+    """The instrument of dinolite.eval on held-out shapes (the protocol of reference.json): the late
+    teacher's figure-ground probe beats the same network at initialisation, the raw-pixel probe and
+    the majority baseline. Measured: 47.2 vs 41.2, 40.9 and 40.9 mIoU; other probe and data seeds
+    moved each by up to ~3 points, so we assert a margin of 2."""
+    from dinolite.eval import dense_probe, majority_baseline, patchify
+
+    ev, cfg = REFERENCE["eval"], config_from_dict(REFERENCE["config"])
+    late = hub.load_official(build_backbone(cfg), torch.load(WEIGHTS / REFERENCE["weights"]["late"]["file"],
+                                                              weights_only=True))
+    torch.manual_seed(cfg.train.seed)
+    initial = build_backbone(cfg)
+
+    def data(n, seed):
+        return SyntheticShapes(n, ev["image_size"], seed=seed, transform=EvalTransform(None, None), return_mask=True)
+
+    train, test = data(ev["train_images"], ev["train_seed"]), data(ev["test_images"], ev["test_seed"])
+    scores = {}
+    for name, backbone in (("late", late), ("initial", initial)):
+        a = extract_features(backbone, train, patch_tokens=True, progress=False)
+        b = extract_features(backbone, test, patch_tokens=True, progress=False)
+        y, yt = (a["masks"] > 0).long(), (b["masks"] > 0).long()
+        scores[name] = dense_probe(a["patch"], y, b["patch"], yt, 2)["miou"]
+    images = torch.stack([train[i][0] for i in range(len(train))])
+    images_t = torch.stack([test[i][0] for i in range(len(test))])
+    scores["pixels"] = dense_probe(patchify(images, cfg.model.patch_size), y, patchify(images_t, cfg.model.patch_size),
+                                   yt, 2)["miou"]
+    scores["majority"] = majority_baseline(y, yt, 2)["miou"]
+    assert scores["late"] > max(scores["initial"], scores["pixels"], scores["majority"]) + 2, scores
