@@ -54,6 +54,14 @@ PAGE_SCRIPT = r"""
       }
     }
   }
+  // text outputs wrap at the column (_static/outputs.css): count the wrapped lines for the report
+  let wrapped = 0;
+  for (const pre of document.querySelectorAll('.cell_output pre')) {
+    const style = getComputedStyle(pre);
+    const lineHeight = parseFloat(style.lineHeight) || 1.2 * parseFloat(style.fontSize);
+    const height = pre.clientHeight - parseFloat(style.paddingTop) - parseFloat(style.paddingBottom);
+    wrapped += Math.max(0, Math.round(height / lineHeight) - pre.innerText.replace(/\n$/, '').split('\n').length);
+  }
   const errors = [...document.querySelectorAll('.cell_output .traceback, .cell_output .output.error')].map(describe);
   for (const out of outputs) {
     if (/Traceback \(most recent call last\)|^\w*Error: /m.test(out.innerText)) errors.push(describe(out));
@@ -69,7 +77,7 @@ PAGE_SCRIPT = r"""
     const hasFigure = c => !!(c && c.querySelector('.cell_output img'));
     widgets.push({cell: describe(script), fallback: hasFigure(cell) || hasFigure(previous)});
   }
-  return {title: document.title, column: Math.round(column.width), n_outputs: outputs.length,
+  return {title: document.title, column: Math.round(column.width), n_outputs: outputs.length, wrapped,
           texts: outputs.map(o => ({cell: describe(o), text: o.innerText})), wide, errors, images, widgets,
           height: Math.ceil(Math.max(document.documentElement.scrollHeight, document.body.scrollHeight))};
 })()
@@ -237,7 +245,7 @@ def main(argv=None) -> int:
                 chapter_outputs += info["n_outputs"]
             figures = [i for i in info["images"] if i["src"] and "_images/" in i["src"]]
             print(f"{str(page.relative_to(args.html)):32s} {info['n_outputs']:3d} outputs, {len(figures):2d} figures, "
-                  f"{len(page_problems)} problems")
+                  f"{info['wrapped']:3d} wrapped output lines, {len(page_problems)} problems")
     finally:
         browser.close()
     if chapter_outputs == 0:
