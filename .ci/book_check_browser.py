@@ -64,7 +64,7 @@ PAGE_SCRIPT = r"""
   }
   const errors = [...document.querySelectorAll('.cell_output .traceback, .cell_output .output.error')].map(describe);
   for (const out of outputs) {
-    if (/Traceback \(most recent call last\)|^\w*Error: /m.test(out.innerText)) errors.push(describe(out));
+    if (/Traceback \(most recent call last\)/.test(out.innerText)) errors.push(describe(out));
   }
   const images = [...document.images].map(img => ({src: img.getAttribute('src'), ok: img.complete && img.naturalWidth > 0,
                                                      shown: Math.round(img.getBoundingClientRect().width),
