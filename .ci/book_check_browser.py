@@ -163,8 +163,8 @@ class Browser:
 
 def machine_paths(repository: Path) -> re.Pattern:
     """Paths that belong to the machine that built the book, never to a reader's."""
-    parts = [r"/home/\w", r"/root/", r"/Users/\w", r"/tmp/", r"/var/folders/", r"/work/", r"[A-Z]:\\Users\\",
-             re.escape(str(repository)), re.escape(str(Path.home()))]
+    parts = [r"/home/\w", r"/root/", r"/Users/\w", r"/tmp/", r"/var/folders/", r"/work/", r"[A-Z]:\\Users\\"]
+    parts += [re.escape(str(p)) for p in (repository, Path.home()) if len(Path(p).parts) > 1]  # never "/" alone
     return re.compile("|".join(parts))
 
 

@@ -120,3 +120,19 @@ def test_chapter_first_cell_installs_dinolite_only_where_missing(path):
     assert 'find_spec("dinolite") is None' in first and f"git+{url}" in first, (
         f"{path.name}: the first code cell must install git+{url} when dinolite is missing")
     assert first.index("find_spec") < first.index("pip")
+
+
+def test_browser_check_recognises_machine_paths():
+    """.ci/book_check_browser.py flags paths of the build machine in outputs, not URLs or made-up paths."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("book_check_browser", ROOT / ".ci/book_check_browser.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    paths = module.machine_paths(ROOT)
+    for leaked in ("/tmp/dinolite_ch7_x holds a run", "/root/.cache/torch/hub", "/home/ana/data", f"{ROOT}/book",
+                   "/work/wt/x"):
+        assert paths.search(leaked), leaked
+    for fine in ("https://dl.fbaipublicfiles.com/dinov2/x.pth", "~/.cache/torch/hub/checkpoints", "/nonexistent/x.pth",
+                 "<run dir> holds a run"):
+        assert not paths.search(fine), fine
