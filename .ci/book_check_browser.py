@@ -78,7 +78,7 @@ PAGE_SCRIPT = r"""
     widgets.push({cell: describe(script), fallback: hasFigure(cell) || hasFigure(previous)});
   }
   return {title: document.title, column: Math.round(column.width), n_outputs: outputs.length, wrapped,
-          texts: outputs.map(o => ({cell: describe(o), text: o.innerText})), wide, errors, images, widgets,
+          texts: outputs.map(o => ({cell: describe(o), text: o.innerText})), wide, errors: [...new Set(errors)], images, widgets,
           height: Math.ceil(Math.max(document.documentElement.scrollHeight, document.body.scrollHeight))};
 })()
 """
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
                 chapter_outputs += info["n_outputs"]
             figures = [i for i in info["images"] if i["src"] and "_images/" in i["src"]]
             print(f"{str(page.relative_to(args.html)):32s} {info['n_outputs']:3d} outputs, {len(figures):2d} figures, "
-                  f"{info['wrapped']:3d} wrapped output lines, {len(page_problems)} problems")
+                  f"{len(info['widgets'])} widgets, {info['wrapped']:3d} wrapped output lines, {len(page_problems)} problems")
     finally:
         browser.close()
     if chapter_outputs == 0:
