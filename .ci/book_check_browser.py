@@ -183,7 +183,12 @@ def check_page(browser: Browser, path: Path, html_root: Path, screenshots: Path,
             raise RuntimeError(f"page script failed: {result['exceptionDetails'].get('text')}")
         info = result["result"]["value"]
         height = min(info["height"], MAX_SCREENSHOT_HEIGHT)
-        shot = browser.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
+        # a viewport as tall as the page, scrolled to the origin: the capture shows the layout a reader sees
+        browser.send("Emulation.setDeviceMetricsOverride",
+                     {"width": WIDTH, "height": height, "deviceScaleFactor": 1, "mobile": False}, session=session)
+        browser.send("Runtime.evaluate", {"expression": "window.scrollTo(0, 0)"}, session=session)
+        time.sleep(0.3)
+        shot = browser.send("Page.captureScreenshot", {"format": "png",
                                                         "clip": {"x": 0, "y": 0, "width": WIDTH, "height": height, "scale": 1}},
                             session=session)
         name = str(path.relative_to(html_root).with_suffix("")).replace(os.sep, "__") + ".png"
