@@ -4,17 +4,26 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 NOTEBOOKS := $(sort $(wildcard book/*.ipynb))
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 
-.PHONY: book test pytest nbval book-check clean
+.PHONY: book test test-portable pytest nbval book-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[book,test]"
 	touch $(STAMP)
 
-# Execute every chapter and render HTML into _build/html.
+# Execute every chapter and render HTML into _build/html. Every page is rendered even if a chapter
+# fails; a failure is then reported as one line per chapter (file, cell, line, exception) and make
+# exits non-zero. The full log is _build/book.log.
 book: $(STAMP)
-	$(BIN)/jupyter-book build . --path-output . -W --keep-going
+	@mkdir -p _build && rm -rf _build/html/reports
+	@echo "executing and rendering every chapter (a few minutes; log: _build/book.log)"
+	@$(BIN)/jupyter-book build . --path-output . -W --keep-going 2>&1 | tee _build/book.log \
+		| sed -un 's|^.*/\(book/[^/:]*\.ipynb\): Executing notebook.*$$|  executing \1|p' \
+		|| { $(BIN)/python book/_build_errors.py _build/book.log _build/html/reports; exit 1; }
+	@echo "done: open _build/html/index.html"
 
 test: pytest nbval book-check
 
@@ -30,6 +39,14 @@ book-check: $(STAMP)
 	sed 's/^  execute_notebooks: force/  execute_notebooks: "off"/' _config.yml > _build/_config_noexec.yml
 	grep -q 'execute_notebooks: "off"' _build/_config_noexec.yml
 	$(BIN)/jupyter-book build . --config _build/_config_noexec.yml --path-output _build/noexec -W --keep-going
+
+# make test's pytest and nbval on other CPU kernel paths with one thread. Asserts must not depend on the
+# vector unit (AVX2, AVX-512, AVX512-BF16) or the thread count of the machine that wrote them.
+test-portable: $(STAMP)
+	for cap in default avx2; do \
+		echo "== ATEN_CPU_CAPABILITY=$$cap OMP_NUM_THREADS=1"; \
+		ATEN_CPU_CAPABILITY=$$cap OMP_NUM_THREADS=1 $(MAKE) --no-print-directory pytest nbval || exit 1; \
+	done
 
 clean:
 	rm -rf _build

@@ -87,7 +87,15 @@ class SoftmaxCenter(nn.Module):
         probs = center(teacher_logits, teacher_temp)   # 1. apply any pending update, then centre
         center.update(teacher_logits)                  # 2. record this batch's mean (pending)
 
-    Lag semantics: `update(t_n)` only records mean(t_n) (all-reduced over ranks; asynchronous when
+    Across ranks the batch mean is the mean of each rank's own mean, every rank weighted equally. This is
+    the official rule: DINOv2's DINO centre divides the all-reduced sum of the logits by local rows x world
+    size (equal row counts on every rank, so it is the global mean), and its iBOT patch centre is updated
+    with the masked patches as one [1, M, K] group, so it all-reduces each rank's mean over its M masked
+    patches and divides by the world size. Ranks hold different numbers of masked patches, so this is not
+    the mean over all patches; it is the same on every rank. A rank with no rows (no masked patch) has no
+    mean: it is left out of the average (the official code would divide 0 by 0 there).
+
+    Lag semantics: `update(t_n)` only records the batch mean (all-reduced over ranks; asynchronous when
     a process group is initialised, as DINOv2 does it). The EMA step with that mean is applied at
     the start of the next `__call__`, so batch n is centred with
         c_n = m * c_{n-1} + (1 - m) * mean(t_{n-1}),   c_0 = 0,
@@ -104,8 +112,8 @@ class SoftmaxCenter(nn.Module):
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         self.out_dim, self.momentum = out_dim, momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self._pending_sum = None  # summed logits [1, K] of the last batch, not yet applied
-        self._pending_count = 0
+        # [1, K + 1]: the sum over ranks of each rank's mean logits, then the number of ranks that had rows.
+        self._pending_sum = None
         self._pending_work = None  # async all-reduce handle
         self.register_state_dict_pre_hook(_apply_pending_before_saving)
 
@@ -120,9 +128,11 @@ class SoftmaxCenter(nn.Module):
             return
         if self._pending_work is not None:
             self._pending_work.wait()
-        batch_mean = self._pending_sum / self._pending_count
-        self.center.mul_(self.momentum).add_(batch_mean.to(self.center.dtype), alpha=1 - self.momentum)
-        self._pending_sum, self._pending_count, self._pending_work = None, 0, None
+        sum_of_means, ranks_with_rows = self._pending_sum[:, :-1], self._pending_sum[:, -1:]
+        if ranks_with_rows.item() > 0:
+            batch_mean = sum_of_means / ranks_with_rows
+            self.center.mul_(self.momentum).add_(batch_mean.to(self.center.dtype), alpha=1 - self.momentum)
+        self._pending_sum, self._pending_work = None, None
 
     @torch.no_grad()
     def forward(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
@@ -135,10 +145,13 @@ class SoftmaxCenter(nn.Module):
 
     @torch.no_grad()
     def update(self, teacher_logits: torch.Tensor) -> None:
-        """Record mean(teacher_logits) over the global batch; applied before the next centring."""
+        """Record the batch mean of teacher_logits [B, K] (mean over ranks of each rank's mean); applied
+        before the next centring. B may differ between ranks, and may be 0."""
         self._check(teacher_logits)
         self.apply_pending_update()  # never drop a batch if update is called twice in a row
-        self._pending_sum = teacher_logits.float().sum(dim=0, keepdim=True)
-        self._pending_count = teacher_logits.shape[0] * distributed.get_world_size()
+        rows = teacher_logits.shape[0]
+        rank_mean = teacher_logits.float().sum(dim=0, keepdim=True) / max(rows, 1)
+        has_rows = rank_mean.new_full((1, 1), float(rows > 0))
+        self._pending_sum = torch.cat([rank_mean, has_rows], dim=1)
         if distributed.is_enabled():
             self._pending_work = dist.all_reduce(self._pending_sum, op=dist.ReduceOp.SUM, async_op=True)

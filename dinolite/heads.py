@@ -80,13 +80,17 @@ class DINOHead(nn.Module):
                             ("bottleneck_dim", bottleneck_dim)):
             if value < 1:
                 raise ValueError(f"{name} must be a positive size, got {value}")
-        dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim]
-        layers = []
-        for i in range(n_layers):
-            layers.append(nn.Linear(dims[i], dims[i + 1]))
-            if i < n_layers - 1:
-                layers.append(nn.GELU())
-        self.mlp = nn.Sequential(*layers)
+        if n_layers == 1:
+            # Officially a bare Linear: its keys are mlp.weight / mlp.bias, not mlp.0.*.
+            self.mlp = nn.Linear(in_dim, bottleneck_dim)
+        else:
+            dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim]
+            layers = []
+            for i in range(n_layers):
+                layers.append(nn.Linear(dims[i], dims[i + 1]))
+                if i < n_layers - 1:
+                    layers.append(nn.GELU())
+            self.mlp = nn.Sequential(*layers)
         if weight_norm_last_layer:
             self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         else:

@@ -20,7 +20,7 @@ from torch import Tensor
 from . import models
 
 __all__ = ["load_official", "export_official", "from_pretrained", "official_to_dinolite", "HUB_MODELS",
-           "hub_filename", "hub_url"]
+           "DINOV3_ARCHS", "hub_filename", "hub_url"]
 
 _CHUNKED_BLOCK = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.+)$")
 
@@ -90,9 +90,14 @@ def load_official(model: models.VisionTransformer, state_dict: dict) -> models.V
     """Load an official DINOv2/DINOv3 backbone state dict into model, strictly. Returns model.
 
     Accepts hub files, chunked training checkpoints (blocks.C.N.*) and {"teacher": {"backbone.*": ...}}
-    checkpoints. Raises ValueError listing every missing key, unexpected key and shape mismatch.
+    checkpoints. Raises ValueError listing every missing key, unexpected key and shape mismatch, and
+    for a DINOv3 file a model whose LayerNorm eps is not 1e-5.
     """
     source = _unwrap(state_dict)
+    if ("storage_tokens" in source or "rope_embed.periods" in source) and model.norm_eps != 1e-5:
+        # Strict loading cannot catch this: eps is no tensor, and a 1e-6 model gives other features.
+        raise ValueError(f"a DINOv3 checkpoint (storage tokens / RoPE) needs LayerNorm eps 1e-5, the model has "
+                         f"{model.norm_eps:g}: build it with norm_eps=1e-5 (the default for pos_embed='rope')")
     mapped: dict[str, Tensor] = {}
     for key, tensor in source.items():
         ours = official_to_dinolite(key)
@@ -125,11 +130,28 @@ def export_official(model: models.VisionTransformer) -> dict[str, Tensor]:
     return out
 
 
-# ----------------------------------------------------------------------------- DINOv2 hub models
+# ----------------------------------------------------------------------------- hub models (DINOv2, DINOv3)
 
 _HUB_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
 _ARCHS = {"s": models.vit_small, "b": models.vit_base, "l": models.vit_large, "g": models.vit_giant2}
-HUB_MODELS = [f"dinov2_vit{a}14{reg}" for a in _ARCHS for reg in ("", "_reg")]
+DINOV2_MODELS = [f"dinov2_vit{a}14{reg}" for a in _ARCHS for reg in ("", "_reg")]
+
+
+# ----------------------------------------------------------------------------- DINOv3 hub models
+# The released LVD-1689M backbones (all patch 16, 4 storage tokens, RoPE base 100 with rescale 2 in training,
+# LayerScale, LayerNorm eps 1e-5, key-bias mask): name -> (dim, depth, heads, FFN, FFN ratio, file hash).
+# SwiGLU here is DINOv3's w1/w2/w3 layout; 2/3 x ratio x dim is already a multiple of 64 for each model.
+_DINOV3_BASE_URL = "https://dl.fbaipublicfiles.com/dinov3"
+DINOV3_ARCHS = {
+    "dinov3_vits16": (384, 12, 6, "mlp", 4.0, "08c60483"),
+    "dinov3_vits16plus": (384, 12, 6, "swiglu64", 6.0, "4057cbaa"),
+    "dinov3_vitb16": (768, 12, 12, "mlp", 4.0, "73cec8be"),
+    "dinov3_vitl16": (1024, 24, 16, "mlp", 4.0, "8aa4cbdd"),
+    "dinov3_vitl16plus": (1024, 24, 16, "swiglu64", 6.0, "46503df0"),
+    "dinov3_vith16plus": (1280, 32, 20, "swiglu64", 6.0, "7c1da9a5"),
+    "dinov3_vit7b16": (4096, 40, 32, "swiglu64", 3.0, "a955f4ea"),  # no qkv bias, untied local-CLS norm
+}
+HUB_MODELS = DINOV2_MODELS + list(DINOV3_ARCHS)
 
 
 def _check_name(name: str) -> None:
@@ -138,20 +160,33 @@ def _check_name(name: str) -> None:
 
 
 def hub_filename(name: str) -> str:
-    """dinov2_vits14 -> dinov2_vits14_pretrain.pth, dinov2_vits14_reg -> dinov2_vits14_reg4_pretrain.pth."""
+    """dinov2_vits14 -> dinov2_vits14_pretrain.pth, dinov2_vits14_reg -> dinov2_vits14_reg4_pretrain.pth,
+    dinov3_vits16 -> dinov3_vits16_pretrain_lvd1689m-08c60483.pth."""
     _check_name(name)
+    if name in DINOV3_ARCHS:
+        return f"{name}_pretrain_lvd1689m-{DINOV3_ARCHS[name][-1]}.pth"
     base = name.removesuffix("_reg")
     return f"{base}_reg4_pretrain.pth" if name.endswith("_reg") else f"{base}_pretrain.pth"
 
 
 def hub_url(name: str) -> str:
-    """Official download address of a DINOv2 hub backbone."""
+    """Official download address of a hub backbone (DINOv3's are served after accepting its license)."""
+    if name in DINOV3_ARCHS:
+        return f"{_DINOV3_BASE_URL}/{name}/{hub_filename(name)}"
     return f"{_HUB_BASE_URL}/{name.removesuffix('_reg')}/{hub_filename(name)}"
 
 
 def build_hub_model(name: str) -> models.VisionTransformer:
-    """The architecture of a DINOv2 hub model, randomly initialised (img_size 518, LayerScale 1.0)."""
+    """The architecture of a hub model, randomly initialised. DINOv2: img_size 518, LayerScale 1.0;
+    DINOv3: RoPE, 4 storage tokens, eps 1e-5, key-bias mask (and the 7B's specifics)."""
     _check_name(name)
+    if name in DINOV3_ARCHS:
+        dim, depth, heads, ffn, ratio, _ = DINOV3_ARCHS[name]
+        is_7b = name == "dinov3_vit7b16"
+        return models.VisionTransformer(
+            img_size=224, patch_size=16, embed_dim=dim, depth=depth, num_heads=heads, ffn=ffn, ffn_ratio=ratio,
+            qkv_bias=not is_7b, num_register_tokens=4, pos_embed="rope", rope_rescale_coords=2.0,
+            layerscale_init=1e-5, mask_k_bias=True, untie_global_and_local_cls_norm=is_7b, norm_eps=1e-5)
     constructor = _ARCHS[name[len("dinov2_vit")]]
     kwargs = dict(img_size=518, patch_size=14, layerscale_init=1.0)
     if name.endswith("_reg"):
@@ -159,22 +194,58 @@ def build_hub_model(name: str) -> models.VisionTransformer:
     return constructor(**kwargs)
 
 
-def from_pretrained(name: str, path: str | os.PathLike | None = None) -> models.VisionTransformer:
-    """Build a DINOv2 hub model and load its weights from path or the torch.hub cache. Never downloads.
+def _fetch_hint(name: str) -> str:
+    """Where to get the weights of hub model `name` and where to put them."""
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    if name in DINOV3_ARCHS:
+        return (f"dinolite never downloads. The DINOv3 weights are given out after accepting Meta's DINOv3 license "
+                f"(see the facebookresearch/dinov3 README); the download link you receive ends in "
+                f"{hub_filename(name)}. Save the file as {cache / hub_filename(name)} or pass path=... to "
+                f"from_pretrained.")
+    return (f"dinolite never downloads: fetch {hub_url(name)} and either save it as {cache / hub_filename(name)} "
+            f"or pass path=... to from_pretrained, e.g.\n"
+            f"  mkdir -p {cache} && curl -L -o {cache / hub_filename(name)} {hub_url(name)}")
 
-    name: dinov2_vit{s,b,l,g}14 or dinov2_vit{s,b,l,g}14_reg. Returns the model in eval mode.
+
+def _not_a_checkpoint(name: str, file: Path, expected_bytes: int, problem: str) -> ValueError:
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(64).lstrip()
+    if size == 0:
+        looks = "the file is empty"
+    elif head.startswith(b"<"):
+        looks = "it looks like an HTML page (a download that saved an error or login page)"
+    elif head.startswith(b"PK"):  # torch.save writes a zip archive
+        looks = "it is an incomplete or damaged torch.save archive (an interrupted download?)"
+    else:
+        looks = "it was not written by torch.save"
+    return ValueError(f"{file} is not a PyTorch state dict of {name}: {looks} ({problem}; {size:,} bytes, while "
+                      f"the weights of {name} take about {expected_bytes / 1e6:.0f} MB). {_fetch_hint(name)}")
+
+
+def from_pretrained(name: str, path: str | os.PathLike | None = None) -> models.VisionTransformer:
+    """Build a hub model and load its weights from path or the torch.hub cache. Never downloads.
+
+    name: dinov2_vit{s,b,l,g}14, dinov2_vit{s,b,l,g}14_reg, or a DINOv3 name (DINOV3_ARCHS: dinov3_vits16,
+    dinov3_vits16plus, dinov3_vitb16, dinov3_vitl16, dinov3_vitl16plus, dinov3_vith16plus, dinov3_vit7b16).
+    Returns the model in eval mode.
+    A missing file, or one that is not a state dict (an HTML page, a truncated download), is an
+    error that says which file to fetch and where to put it.
     """
     _check_name(name)
     file = Path(path) if path is not None else Path(torch.hub.get_dir()) / "checkpoints" / hub_filename(name)
     if not file.is_file():
-        cache = Path(torch.hub.get_dir()) / "checkpoints"
-        raise FileNotFoundError(
-            f"weights for {name} not found at {file}. dinolite never downloads: fetch {hub_url(name)} "
-            f"and either save it as {cache / hub_filename(name)} or pass path=... to from_pretrained, e.g.\n"
-            f"  mkdir -p {cache} && curl -L -o {cache / hub_filename(name)} {hub_url(name)}"
-        )
+        raise FileNotFoundError(f"weights for {name} not found at {file}. {_fetch_hint(name)}")
     with torch.device("meta"):
         model = build_hub_model(name)
+    expected_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    try:
+        state_dict = torch.load(file, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # the file cannot be read at all (permissions, I/O); the system's message says so
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ... here
+        raise _not_a_checkpoint(name, file, expected_bytes, f"torch.load failed with {type(error).__name__}") from None
+    if not isinstance(state_dict, dict):
+        raise _not_a_checkpoint(name, file, expected_bytes, f"torch.load gave a {type(state_dict).__name__}, not a dict")
     model.to_empty(device="cpu")  # no init needed: the strict load below overwrites every tensor
-    state_dict = torch.load(file, map_location="cpu", weights_only=True)
     return load_official(model, state_dict).eval()

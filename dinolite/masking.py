@@ -172,6 +172,7 @@ def collate_multicrop(samples, mask_generator, mask_probability=0.5, mask_ratio_
         masks_weight [M] float32, 1 / (number of masked patches of the patch's image);
         n_masked_patches 0-dim long tensor (= M); upperbound int, sum over masked crops of
         int(N * bin upper edge), an upper bound on M (for static shapes);
+        gram_crops [2B,3,S,S] crop-major when the samples carry them (the Gram teacher's crops);
         labels [B] when the samples carry labels.
     """
     if not samples:
@@ -232,6 +233,9 @@ def collate_multicrop(samples, mask_generator, mask_probability=0.5, mask_ratio_
         n_masked_patches=torch.tensor(len(mask_indices), dtype=torch.long),
         upperbound=upperbound,
     )
+    gram_crops = _stack_crop_major([d.get("gram_crops", []) for d in dicts], "Gram teacher crops")
+    if gram_crops is not None:
+        batch["gram_crops"] = gram_crops.to(dtype)
     if all(label is not None for label in labels):
         batch["labels"] = torch.as_tensor(labels)
     return batch

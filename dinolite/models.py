@@ -305,30 +305,55 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, ffn_hidden: int, ffn: str = "mlp", qkv_bias: bool = True,
                  proj_bias: bool = True, ffn_bias: bool = True, drop_path: float = 0.0,
-                 layerscale_init: float | None = 1e-5, mask_k_bias: bool = False):
+                 layerscale_init: float | None = 1e-5, mask_k_bias: bool = False, norm_eps: float = 1e-6,
+                 drop_path_mode: str = "subset"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, mask_k_bias=mask_k_bias)
         self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init is not None else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         if ffn == "mlp":
             self.mlp = Mlp(dim, ffn_hidden, bias=ffn_bias)
         else:
             self.mlp = SwiGLUFFN(dim, ffn_hidden, bias=ffn_bias, layout="w12" if ffn == "swiglu" else "w1w2")
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init is not None else nn.Identity()
-        self.drop_path = drop_path
+        if drop_path_mode not in ("subset", "mask"):
+            raise ValueError(f"drop_path_mode must be 'subset' or 'mask', got {drop_path_mode!r}")
+        self.drop_path, self.drop_path_mode = drop_path, drop_path_mode
 
-    def _drop_path_scale(self, shapes: list[tuple[int, int]], like: Tensor) -> Tensor | None:
-        """Per-token factor [sum B_i*T_i, 1]: 0 or 1/(1-p) per sample, repeated over its tokens."""
-        if self.drop_path == 0.0 or not self.training:
-            return None
+    def _drop_path_scale(self, shapes: list[tuple[int, int]], like: Tensor) -> Tensor:
+        """Mask mode: per-token factor [sum B_i*T_i, 1]: 0 or 1/(1-p) per sample, repeated over its tokens."""
         keep = 1.0 - self.drop_path
         scales = [like.new_empty(b, 1).bernoulli_(keep).div_(keep).repeat_interleave(t, dim=0) for b, t in shapes]
         return torch.cat(scales)
 
-    def _residual(self, x: Tensor, branch: Tensor, shapes) -> Tensor:
-        scale = self._drop_path_scale(shapes, branch)
-        return x + branch if scale is None else x + branch * scale
+    def _drop_path_subset(self, shapes: list[tuple[int, int]], device) -> tuple[Tensor, list, Tensor]:
+        """Subset mode: for each group of B_i sequences keep a random n_i = max(int(B_i * (1 - p)), 1) of them.
+
+        Returns the token rows of the kept sequences [sum n_i*T_i], their group shapes [(n_i, T_i)], and the
+        factor B_i / n_i of each kept row [sum n_i*T_i, 1].
+        """
+        rows, kept_shapes, scales, offset = [], [], [], 0
+        for batch, tokens in shapes:
+            kept = max(int(batch * (1.0 - self.drop_path)), 1)
+            samples = torch.randperm(batch, device=device)[:kept]
+            rows.append((offset + samples[:, None] * tokens + torch.arange(tokens, device=device)).flatten())
+            kept_shapes.append((kept, tokens))
+            scales.append(torch.full((kept * tokens, 1), batch / kept, device=device))
+            offset += batch * tokens
+        return torch.cat(rows), kept_shapes, torch.cat(scales)
+
+    def _add_residual(self, x: Tensor, branch, shapes: list[tuple[int, int]]) -> Tensor:
+        """x + branch(x) with stochastic depth; branch(tokens, shapes) maps [sum B_i*T_i, D] to the same shape."""
+        if self.drop_path == 0.0 or not self.training:
+            return x + branch(x, shapes)
+        if self.drop_path_mode == "mask":
+            out = branch(x, shapes)
+            return x + out * self._drop_path_scale(shapes, out)
+        # The dropped samples never enter the branch: cheaper than computing and masking it.
+        rows, kept_shapes, scales = self._drop_path_subset(shapes, x.device)
+        out = branch(x[rows], kept_shapes)
+        return x.index_add(0, rows, (out * scales.to(out.dtype)).to(x.dtype))
 
     def forward(self, x: Tensor, shapes: list[tuple[int, int]] | None = None, ropes: list | None = None,
                 num_prefix: int = 1) -> Tensor:
@@ -340,10 +365,16 @@ class Block(nn.Module):
         if shapes is None:
             batch, tokens, dim = x.shape
             return self(x.reshape(batch * tokens, dim), [(batch, tokens)], ropes, num_prefix).view(x.shape)
-        ropes = ropes if ropes is not None else [None] * len(shapes)
-        x = self._residual(x, self.ls1(self.attn.forward_list(self.norm1(x), shapes, ropes, num_prefix)), shapes)
-        x = self._residual(x, self.ls2(self.mlp(self.norm2(x))), shapes)
-        return x
+        ropes = ropes if ropes is not None else [None] * len(shapes)  # RoPE is shared by a group's sequences
+
+        def attention_branch(tokens, group_shapes):
+            return self.ls1(self.attn.forward_list(self.norm1(tokens), group_shapes, ropes, num_prefix))
+
+        def ffn_branch(tokens, group_shapes):
+            return self.ls2(self.mlp(self.norm2(tokens)))
+
+        x = self._add_residual(x, attention_branch, shapes)
+        return self._add_residual(x, ffn_branch, shapes)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -367,6 +398,12 @@ class VisionTransformer(nn.Module):
         mask_k_bias: DINOv3 qkv bias mask (buffer attn.qkv.bias_mask).
         untie_global_and_local_cls_norm: DINOv3 7B: a separate LayerNorm (local_cls_norm) for the CLS and
             storage tokens of local crops in training (forward_features_list entries after the first).
+        norm_eps: eps of every LayerNorm. None: by layout, 1e-5 for RoPE models (every released DINOv3
+            model) and 1e-6 for learned position tables (DINOv2). Loads never carry it: a DINOv3 file in
+            1e-6 norms loads strictly yet gives other features.
+        drop_path_mode: "subset" (official DINOv2/DINOv3: the residual branch runs on a random
+            int(B * (1 - p)) subset of the samples, scaled by B / subset) or "mask" (per-sample
+            Bernoulli masks: the same expectation, a random number of dropped samples).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 14, in_chans: int = 3, embed_dim: int = 384,
@@ -376,18 +413,24 @@ class VisionTransformer(nn.Module):
                  interpolate_offset: float = 0.1, interpolate_antialias: bool = False, rope_base: float = 100.0,
                  rope_shift_coords: float | None = None, rope_jitter_coords: float | None = None,
                  rope_rescale_coords: float | None = None, mask_k_bias: bool = False,
-                 untie_global_and_local_cls_norm: bool = False):
+                 untie_global_and_local_cls_norm: bool = False, norm_eps: float | None = None,
+                 drop_path_mode: str = "subset"):
         super().__init__()
         if ffn not in ("mlp", "swiglu", "swiglu64"):
             raise ValueError(f"ffn must be 'mlp', 'swiglu' or 'swiglu64', got {ffn!r}")
         if pos_embed not in ("learned", "rope"):
             raise ValueError(f"pos_embed must be 'learned' or 'rope', got {pos_embed!r}")
+        if drop_path_mode not in ("subset", "mask"):
+            raise ValueError(f"drop_path_mode must be 'subset' or 'mask', got {drop_path_mode!r}")
+        if norm_eps is None:
+            norm_eps = 1e-5 if pos_embed == "rope" else 1e-6
         if pos_embed == "learned":
             check_image_size(img_size, img_size, patch_size)  # the table is built for this grid
         self.img_size, self.patch_size, self.embed_dim = img_size, patch_size, embed_dim
         self.num_heads, self.num_register_tokens, self.depth = num_heads, num_register_tokens, depth
         self.interpolate_offset, self.interpolate_antialias = interpolate_offset, interpolate_antialias
         self.num_prefix_tokens = 1 + num_register_tokens
+        self.norm_eps = norm_eps
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -409,10 +452,10 @@ class VisionTransformer(nn.Module):
         self.ffn_hidden = hidden
         make_block = partial(Block, embed_dim, num_heads, hidden, ffn=ffn, qkv_bias=qkv_bias, proj_bias=proj_bias,
                              ffn_bias=ffn_bias, drop_path=drop_path_rate, layerscale_init=layerscale_init,
-                             mask_k_bias=mask_k_bias)
+                             mask_k_bias=mask_k_bias, norm_eps=norm_eps, drop_path_mode=drop_path_mode)
         self.blocks = nn.ModuleList([make_block() for _ in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.local_cls_norm = nn.LayerNorm(embed_dim, eps=1e-6) if untie_global_and_local_cls_norm else None
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.local_cls_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if untie_global_and_local_cls_norm else None
         self.init_weights()
 
     # -- initialisation
@@ -622,8 +665,8 @@ def vit_giant2(**kwargs) -> VisionTransformer:
 
 def vit_7b(**kwargs) -> VisionTransformer:
     """DINOv3 ViT-7B/16: 4096 dim, 40 blocks, 32 heads, SwiGLU (w1/w2/w3) hidden 8192, no qkv bias,
-    RoPE (rescale 2), 4 storage tokens, untied local CLS norm."""
+    RoPE (rescale 2), 4 storage tokens, untied local CLS norm, LayerNorm eps 1e-5."""
     defaults = dict(patch_size=16, embed_dim=4096, depth=40, num_heads=32, ffn="swiglu64", ffn_ratio=3.0,
-                    qkv_bias=False, num_register_tokens=4, pos_embed="rope", rope_rescale_coords=2.0,
+                    norm_eps=1e-5, qkv_bias=False, num_register_tokens=4, pos_embed="rope", rope_rescale_coords=2.0,
                     mask_k_bias=True, untie_global_and_local_cls_norm=True)
     return VisionTransformer(**{**defaults, **kwargs})

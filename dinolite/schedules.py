@@ -70,6 +70,19 @@ def linear_warmup_constant(step: int, warmup_steps: int, start: float, end: floa
     return _linear_warmup(step, warmup_steps, start, end)
 
 
+def gram_weight(step: int, total_steps: int, weight: float, start_step: int = 0, warmup_steps: int = 0,
+                final_weight: float | None = None) -> float:
+    """DINOv3's Gram loss weight: 0 before `start_step`, then a linear ramp from 0 to `weight` over
+    `warmup_steps`, then `weight` (final_weight None) or a cosine from `weight` to `final_weight` at
+    `total_steps`. (7B refinement: 0 until 1M iterations, a ramp to 2.0, then constant.)"""
+    step = _check_step(step)
+    if step < start_step:
+        return 0.0
+    if final_weight is None:
+        return linear_warmup_constant(step - start_step, warmup_steps, 0.0, weight)
+    return cosine_schedule(step - start_step, total_steps - start_step, weight, final_weight, warmup_steps, 0.0)
+
+
 def teacher_temperature(step: int, warmup_steps: int, start: float = 0.04, end: float = 0.07) -> float:
     """Teacher softmax temperature: 0.04 -> 0.07 linearly (DINOv2: over 30 x 1250 steps), then 0.07."""
     return linear_warmup_constant(step, warmup_steps, start, end)

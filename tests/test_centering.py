@@ -157,7 +157,13 @@ def _distributed_worker(rank, world_size, logits):
     # iBOT: ranks hold different numbers of masked patches (4 and 8 rows; then 0 and 12).
     uneven = sinkhorn_knopp(logits[:4] if rank == 0 else logits[4:13], 0.04, 3)
     empty = sinkhorn_knopp(logits[:0] if rank == 0 else logits, 0.04, 3)
-    return sk, center.center.clone(), probs, uneven, empty
+    # iBOT patch centre: 3 masked patches on rank 0, 9 on rank 1; then none on rank 0.
+    patch_center = SoftmaxCenter(logits.shape[1], momentum=0.9)
+    patch_center.update(logits[:3] if rank == 0 else logits[3:])
+    patch_center.apply_pending_update()
+    patch_center.update(logits[:0] if rank == 0 else logits[:5])
+    patch_center.apply_pending_update()
+    return sk, center.center.clone(), probs, uneven, empty, patch_center.center.clone()
 
 
 def test_distributed_two_ranks_equal_one_rank():
@@ -177,3 +183,9 @@ def test_distributed_two_ranks_equal_one_rank():
     for _, rank_center, *_ in results:
         torch.testing.assert_close(rank_center, center.center)
     torch.testing.assert_close(torch.cat([r[2] for r in results]), probs_full)
+    # Unequal row counts: every rank holds the same centre, 0.1 * (mean of rank 0 + mean of rank 1) / 2
+    # (the official rule: each rank's mean, averaged over ranks), then a step where only rank 1 has rows.
+    first = 0.1 * (logits[:3].mean(0) + logits[3:].mean(0)) / 2
+    expected = 0.9 * first + 0.1 * logits[:5].mean(0)
+    for r in results:
+        torch.testing.assert_close(r[5], expected.unsqueeze(0), atol=1e-6, rtol=1e-6)

@@ -1,5 +1,9 @@
-"""Atomic checkpoints: a crash while writing leaves the previous checkpoint intact; keep-last-K."""
+"""Atomic checkpoints: a crash while writing leaves the previous checkpoint intact; keep-last-K;
+the temporary file of a killed save is removed at the next start."""
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -66,3 +70,35 @@ def test_listing_ignores_other_files(tmp_path):
 def test_keep_last_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="keep_last"):
         ckpt.save_checkpoint({}, str(tmp_path), 1, keep_last=0)
+
+
+_KILLED_MID_SAVE = """
+import os, signal, sys
+import torch
+from dinolite.train import checkpoint as ckpt
+
+def dying_save(obj, f, *args, **kwargs):
+    f.write(b"half a checkpoint")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)  # no except/finally block runs after this
+
+torch.save = dying_save
+ckpt.save_checkpoint({"step": 2}, sys.argv[1], 2)
+"""
+
+
+def test_stale_temp_file_of_a_killed_save_is_removed_at_start(tmp_path):
+    ckpt.save_checkpoint({"step": 1, "w": torch.ones(3)}, str(tmp_path), 1)
+    result = subprocess.run([sys.executable, "-c", _KILLED_MID_SAVE, str(tmp_path)], capture_output=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-2000:]
+    leftovers = [name for name in os.listdir(tmp_path) if name.startswith(".tmp_checkpoint_00000002.pth")]
+    assert len(leftovers) == 1  # SIGKILL leaves the temporary file behind
+    (tmp_path / ".tmp_notes.txt").write_text("not ours")
+    (tmp_path / "checkpoint_00000003.pth.bak").write_text("not ours either")
+
+    removed = ckpt.remove_stale_temp_files(str(tmp_path))
+    assert removed == [str(tmp_path / leftovers[0])]
+    assert sorted(os.listdir(tmp_path)) == [".tmp_notes.txt", "checkpoint_00000001.pth", "checkpoint_00000003.pth.bak"]
+    latest = ckpt.load_checkpoint(ckpt.latest_checkpoint(str(tmp_path)))
+    assert latest["step"] == 1 and torch.equal(latest["w"], torch.ones(3))
+    assert ckpt.remove_stale_temp_files(str(tmp_path / "missing")) == []

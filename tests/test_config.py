@@ -39,7 +39,7 @@ def test_recipe_values():
     assert base.optim.clip_grad == 3.0 and base.optim.layerwise_decay == 0.9
     assert base.optim.patch_embed_lr_mult == 0.2 and base.train.epoch_length == 1250
     assert (base.optim.adamw_beta1, base.optim.adamw_beta2) == (0.9, 0.999)
-    assert base.loss.centering == "sinkhorn_knopp" and base.loss.gram_weight == 0.0
+    assert base.loss.centering == "sinkhorn_knopp" and base.gram.weight == 0.0
 
 
 def test_recipes_are_fresh_objects():
@@ -87,8 +87,13 @@ def test_unknown_key_names_key_and_suggests():
     ("crops.global_size=30", r"'crops.global_size': 30 is not a multiple of model.patch_size=8; use e.g. 32"),
     ("model.num_heads=5", r"'model.num_heads'"),
     ("train.precision=fp16", r"'train.precision'"),
-    ("loss.gram_weight=1.0", r"'loss.gram_weight'"),
+    ("crops.mask_ratio_mode=random", r"'crops.mask_ratio_mode'"),
+    ("model.rope_rescale_coords=2", r"'model.pos_embed'"),
+    ("gram.teacher_scale=1.3", r"'gram.teacher_scale'"),
+    ("gram.remove_neg=student", r"'gram.remove_neg'"),
     ("crops.blur_sigma_min=3.0", r"'crops.blur_sigma_max': need 0 < blur_sigma_min <= blur_sigma_max"),
+    ("train.threads=-1", r"'train.threads': must be >= 0 \(0: auto"),
+    ("train.num_workers=-2", r"'train.num_workers': must be >= 0"),
 ])
 def test_bad_values_name_the_key(override, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -116,6 +121,15 @@ def test_partial_yaml_keeps_defaults_and_checks_keys(tmp_path):
         load_config(str(bad))
 
 
+def test_malformed_yaml_is_a_one_line_value_error(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  depth: 3\n optim: [\n")
+    with pytest.raises(ValueError) as err:
+        get_config(str(path))
+    message = str(err.value)
+    assert message.startswith(f"{path} is not valid YAML at line 3") and "\n" not in message
+
+
 def test_unknown_recipe():
     with pytest.raises(ValueError, match=r"unknown config 'tiny_cpu'.*Did you mean 'tiny-cpu'"):
         get_config("tiny_cpu")
@@ -126,3 +140,18 @@ def test_config_diff_and_keys():
     assert config_diff(a, b) == {"model.depth": (a.model.depth, 2)}
     keys = valid_keys()
     assert "optim.base_lr" in keys and "train.seed" in keys and len(keys) == len(set(keys))
+
+
+def test_model_norm_eps_and_drop_path_mode_reach_the_backbone():
+    from dinolite.train.meta_arch import build_backbone
+
+    small = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.img_size=32"]
+    official = build_backbone(apply_overrides(get_config("tiny-cpu"), small))
+    assert official.blocks[0].drop_path_mode == "subset" and official.norm.eps == 1e-6
+    rope = build_backbone(apply_overrides(get_config("tiny-cpu"), small + ["model.pos_embed=rope"]))
+    assert rope.norm.eps == 1e-5 and rope.blocks[0].norm1.eps == 1e-5
+    custom = build_backbone(apply_overrides(get_config("tiny-cpu"),
+                                            small + ["model.norm_eps=1e-4", "model.drop_path_mode=mask"]))
+    assert custom.norm.eps == 1e-4 and custom.blocks[0].drop_path_mode == "mask"
+    with pytest.raises(ValueError, match="model.drop_path_mode"):
+        apply_overrides(get_config("tiny-cpu"), ["model.drop_path_mode=bernoulli"])

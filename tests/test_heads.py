@@ -120,7 +120,12 @@ def test_dinov3_plain_last_layer():
 
 def test_one_layer_mlp():
     head = DINOHead(16, out_dim=10, hidden_dim=999, bottleneck_dim=8, n_layers=1)
-    assert len(head.mlp) == 1 and head.mlp[0].weight.shape == (8, 16)
+    # The official one-layer head is a bare Linear: keys mlp.weight / mlp.bias (not mlp.0.*).
+    assert sorted(head.state_dict()) == ["last_layer.weight_g", "last_layer.weight_v", "mlp.bias", "mlp.weight"]
+    assert head.mlp.weight.shape == (8, 16)
+    x = torch.randn(3, 16)
+    expected = F.linear(F.normalize(head.mlp(x), dim=-1), head.last_layer.weight)
+    torch.testing.assert_close(head(x), expected)
 
 
 def test_official_sizes_parameter_counts():

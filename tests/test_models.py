@@ -162,9 +162,9 @@ def test_drop_path_identity_in_eval_and_rescales_survivors_in_train():
     assert abs((per_sample[:, 0] > 0).float().mean().item() - 0.75) < 0.03
 
 
-def test_block_drop_path_is_per_sample_and_off_in_eval():
+def test_block_drop_path_mask_mode_is_per_sample_and_off_in_eval():
     torch.manual_seed(0)
-    block = Block(16, 2, 32, drop_path=0.5, layerscale_init=1.0)
+    block = Block(16, 2, 32, drop_path=0.5, layerscale_init=1.0, drop_path_mode="mask")
     x = torch.randn(64, 5, 16)
     block.eval()
     assert torch.equal(block(x), block(x))
@@ -177,6 +177,71 @@ def test_block_drop_path_is_per_sample_and_off_in_eval():
     assert scale.shape == (3 * 4 + 2 * 5, 1)
     assert set(scale.flatten().tolist()) <= {0.0, 2.0}
     assert all(len(set(chunk.flatten().tolist())) == 1 for chunk in scale.split([4, 4, 4, 5, 5]))
+
+
+def test_block_drop_path_subset_mode_exact_size_and_scale():
+    # Official rule (REFERENCE.md): per group of B sequences, a random int(B * (1 - p)) of them (at least 1)
+    # run the branch, scaled by B / subset; the others pass unchanged.
+    block = Block(8, 2, 16, drop_path=0.3)
+    assert block.drop_path_mode == "subset"
+    block.train()
+    x = torch.randn(10 * 3 + 4 * 2, 8)  # group 1: 10 sequences of 3 tokens; group 2: 4 sequences of 2 tokens
+    shapes = [(10, 3), (4, 2)]
+
+    def branch(tokens, group_shapes):
+        return 2 * tokens + 1  # token-wise, so every kept sequence's result is known
+
+    for _ in range(20):
+        out = block._add_residual(x, branch, shapes)
+        changed = (out - x).abs().amax(dim=1) > 0
+        for (start, batch, tokens), kept in (((0, 10, 3), 7), ((30, 4, 2), 2)):  # int(10 * 0.7), int(4 * 0.7)
+            per_sequence = changed[start:start + batch * tokens].view(batch, tokens)
+            assert torch.equal(per_sequence.all(1), per_sequence.any(1))  # whole sequences
+            assert per_sequence.all(1).sum() == kept
+            rows = slice(start, start + batch * tokens)
+            mask = changed[rows, None]
+            expected = torch.where(mask, x[rows] + batch / kept * branch(x[rows], None), x[rows])
+            torch.testing.assert_close(out[rows], expected)
+
+
+def test_block_drop_path_subset_mode_expectation():
+    # E[output] = x + branch(x): each sequence is kept with probability n / B and then scaled by B / n.
+    block = Block(4, 1, 8, drop_path=0.4)
+    block.train()
+    x = torch.zeros(5 * 2, 4)
+    draws = 4000
+    total = sum(block._add_residual(x, lambda t, s: t + 1, [(5, 2)]) for _ in range(draws))
+    # Each entry averages draws of (5/3) * Bernoulli(3/5): std of the mean = (5/3) sqrt(0.6 * 0.4 / draws) = 0.013.
+    assert (total / draws - 1).abs().max() < 5 * 0.013
+
+
+def test_block_subset_mode_full_block_runs_each_branch_on_whole_samples():
+    torch.manual_seed(0)
+    block = Block(16, 2, 32, drop_path=0.5, layerscale_init=1.0)
+    x = torch.randn(4, 5, 16)
+    attention = lambda t: block.ls1(block.attn(block.norm1(t)))  # noqa: E731
+    ffn = lambda t: block.ls2(block.mlp(block.norm2(t)))  # noqa: E731
+    block.train()
+    out = block(x)
+    kept_attention = kept_ffn = 0
+    for i in range(4):
+        sample = x[i:i + 1]
+        matches = []
+        for attn_kept in (False, True):
+            a = sample + 2 * attention(sample) if attn_kept else sample  # scale B / n = 4 / 2
+            for ffn_kept in (False, True):
+                candidate = a + 2 * ffn(a) if ffn_kept else a
+                if torch.allclose(out[i:i + 1], candidate, atol=1e-5):
+                    matches.append((attn_kept, ffn_kept))
+        assert len(matches) == 1
+        kept_attention += matches[0][0]
+        kept_ffn += matches[0][1]
+    assert kept_attention == 2 and kept_ffn == 2
+
+
+def test_bad_drop_path_mode():
+    with pytest.raises(ValueError, match="drop_path_mode"):
+        Block(8, 2, 16, drop_path_mode="bernoulli")
 
 
 # ----------------------------------------------------------------------------- RoPE

@@ -147,3 +147,31 @@ def test_ema_errors():
         ema_update_(shared, student, 0.99)
     with pytest.raises(ValueError, match="momentum"):
         ema_update_(make_teacher(student), student, 1.5)
+
+
+def test_gram_weight_schedule_hand_computed():
+    from dinolite.schedules import gram_weight
+
+    # 7B refinement shape: off, then a linear ramp 0 -> 2 over 4 steps (both ends included), then constant.
+    values = [gram_weight(s, 20, 2.0, start_step=10, warmup_steps=4) for s in range(20)]
+    assert values[:10] == [0.0] * 10
+    assert values[10:14] == pytest.approx([0.0, 2 / 3, 4 / 3, 2.0])
+    assert values[14:] == [2.0] * 6
+    # Cosine to a final value after the ramp: half-way through the cosine part it is the mean.
+    assert gram_weight(10 + 2 + 4, 10 + 2 + 8, 1.0, start_step=10, warmup_steps=2, final_weight=0.0) == pytest.approx(0.5)
+    assert gram_weight(5, 10, 1.5) == 1.5  # constant from the start
+
+
+def test_gram_and_local_dino_weights_from_config():
+    from dinolite.train.config import apply_overrides, get_config
+    from dinolite.train.optim import schedule_values
+
+    cfg = apply_overrides(get_config("tiny-cpu"), ["gram.weight=2.0", "gram.teacher=somewhere", "gram.start_epoch=2",
+                                                   "gram.warmup_epochs=1"])
+    before = schedule_values(cfg, 49, 200, 25, 32)
+    assert before.gram_weight == 0.0 and before.local_dino_weight == 1.0
+    ramp = [schedule_values(cfg, s, 200, 25, 32) for s in (50, 62, 75, 150)]
+    assert [v.local_dino_weight for v in ramp] == [0.5] * 4
+    assert ramp[0].gram_weight == 0.0 and 0.9 < ramp[1].gram_weight < 1.1 and ramp[2].gram_weight == ramp[3].gram_weight == 2.0
+    off = schedule_values(get_config("tiny-cpu"), 150, 200, 25, 32)
+    assert off.gram_weight == 0.0 and off.local_dino_weight == 1.0

@@ -10,9 +10,16 @@ import torch
 from dinolite.data import SyntheticShapes
 from dinolite.hub import load_official
 from dinolite.models import VisionTransformer
-from dinolite.train import DINOv2MetaArch, apply_overrides, get_config, train, train_step
+from dinolite.train import DINOv2MetaArch, apply_overrides, get_config, load_config, save_config, train, train_step
+from dinolite.train import loop
 from dinolite.train.data import StepBatches
-from dinolite.train.loop import _small_batch_warning, restore_training_state, training_state
+from dinolite.train.loop import (
+    OutputDirError,
+    _small_batch_warning,
+    intra_op_threads,
+    restore_training_state,
+    training_state,
+)
 from dinolite.train.optim import (
     StepValues,
     apply_schedule_,
@@ -245,6 +252,101 @@ def test_resume_with_other_config_is_an_error(full_run):
         _run(other, out)
     # run-control keys may change
     _run(apply_overrides(cfg, ["train.log_every=5"]), out)
+
+
+def test_resume_says_from_which_step_and_checkpoint(full_run, capsys):
+    cfg, out, _ = full_run
+    capsys.readouterr()
+    _run(cfg, out)  # the run is complete: it resumes at its last step and has nothing left to do
+    assert f"resuming from step 6 (checkpoint {out / 'checkpoint_00000006.pth'})" in capsys.readouterr().out
+
+
+def test_start_up_removes_temp_files_of_a_killed_checkpoint_save(full_run, capsys):
+    cfg, out, _ = full_run
+    stale = out / ".tmp_checkpoint_00000007.pthq3x_8kz1"  # what SIGKILL in atomic_save leaves
+    stale.write_bytes(b"half a checkpoint")
+    checkpoints = {p.name: p.read_bytes() for p in out.glob("checkpoint_*.pth")}
+    _run(cfg, out)
+    assert not stale.exists()
+    assert {p.name: p.read_bytes() for p in out.glob("checkpoint_*.pth")} == checkpoints  # complete ones untouched
+    assert f"removed {stale}" in capsys.readouterr().out
+
+
+def test_a_directory_without_checkpoint_accepts_a_new_config(tmp_path):
+    # What a run that failed before its first checkpoint leaves: its config and a few log lines.
+    failed = micro_config("train.batch_size=16")
+    save_config(failed, str(tmp_path / "config.yaml"))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 99.0}) + "\n")
+    cfg = micro_config("train.epochs=1")
+    arch = _run(cfg, tmp_path)
+    assert arch.completed_steps == 3
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
+    assert [(r["step"], r["loss"] == 99.0) for r in _records(tmp_path / "metrics.jsonl") if "loss" in r] == [
+        (1, False), (2, False), (3, False)]  # the failed run's lines are gone
+    # Now the directory holds a checkpoint: a different config is refused and nothing changes.
+    with pytest.raises(OutputDirError, match=r"train.batch_size: saved 8 vs now 16"):
+        _run(failed, tmp_path)
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
+
+
+def test_auto_threads_leave_one_core_per_data_worker(monkeypatch):
+    monkeypatch.setattr(loop, "available_cores", lambda: 4)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        assert [intra_op_threads(0, workers) for workers in (0, 1, 3, 4, 8)] == [4, 3, 1, 1, 1]
+        assert intra_op_threads(6, 3) == 6  # train.threads=6: as asked
+        torch.set_num_threads(2)  # OMP_NUM_THREADS=2 (or an earlier torch.set_num_threads) caps auto
+        assert intra_op_threads(0, 1) == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
+class _ReadLog(torch.utils.data.Dataset):
+    """SyntheticShapes that appends "pid threads" to a file for every image read (from any process)."""
+
+    def __init__(self, path):
+        self.data, self.path = SyntheticShapes(48, 32), path
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()} {torch.get_num_threads()}\n")
+        return self.data[i]
+
+
+def test_training_and_data_worker_threads(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "available_cores", lambda: 3)
+    step_threads = []
+    real_step = loop.train_step
+
+    def recording_step(*args, **kwargs):
+        step_threads.append(torch.get_num_threads())
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", recording_step)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        log = tmp_path / "reads.txt"
+        cfg = micro_config("train.epochs=1", "train.epoch_length=1", "train.num_workers=1")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train(cfg, _ReadLog(log), knn_data=None)
+        assert step_threads == [2]  # 3 cores, 1 of them for the data worker
+        reads = [line.split() for line in log.read_text().splitlines()]
+        assert len(reads) == 8 and str(os.getpid()) not in {pid for pid, _ in reads}  # read in the worker
+        assert {threads for _, threads in reads} == {"1"}  # one thread in the worker
+        assert torch.get_num_threads() == 4  # restored after the run
+        step_threads.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train(micro_config("train.epochs=1", "train.epoch_length=1", "train.threads=1"), DATA_SPEC, knn_data=None)
+        assert step_threads == [1] and torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_training_state_round_trip(full_run):

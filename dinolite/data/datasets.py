@@ -1,5 +1,6 @@
-"""Datasets: any image folder, torchvision datasets already on disk, and two built-in labelled
-datasets that need no download: SyntheticShapes (with segmentation masks) and SyntheticTextures.
+"""Datasets: any image folder, a list file of image paths, torchvision datasets already on disk,
+and two built-in labelled datasets that need no download: SyntheticShapes (with segmentation
+masks) and SyntheticTextures.
 
 Every dataset returns (image, label) with image a PIL RGB image (or ``transform(image)``)
 and label an int (-1 when unknown). ``build_dataset(spec)`` parses the CLI ``--data`` string;
@@ -18,6 +19,18 @@ from dinolite import distributed
 from dinolite.data.augment import to_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """The data cannot be used as asked: a missing or empty folder, a bad --data spec, too few images.
+
+    The message names the problem and the fix in one line; `python -m dinolite.train` prints it as
+    `error: ...` and exits with code 2 instead of showing a traceback.
+    """
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A DataError for data that is not on disk (also a FileNotFoundError)."""
 
 
 def _describe_paths(paths, limit=10) -> str:
@@ -44,15 +57,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __init__(self, root, transform=None, verify: bool = True):
         self.root = Path(root).expanduser()
         if not self.root.exists():
-            raise FileNotFoundError(f"image folder {self.root} does not exist; expected a directory of images "
-                                    f"({', '.join(IMAGE_EXTENSIONS)}), optionally in one subfolder per class")
+            raise DataNotFoundError(f"image folder {self.root} does not exist; give the path of a directory of "
+                                    f"images ({', '.join(IMAGE_EXTENSIONS)}), optionally in one subfolder per class")
         if not self.root.is_dir():
-            raise NotADirectoryError(f"{self.root} is a file; expected a directory of images")
+            raise DataError(f"{self.root} is a file; give the path of a directory of images")
         self.transform = transform
         candidates = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not candidates:
-            raise ValueError(f"no images found under {self.root}; expected files ending in "
-                             f"{', '.join(IMAGE_EXTENSIONS)} (searched recursively)")
+            raise DataError(f"no images found under {self.root}; put files ending in "
+                            f"{', '.join(IMAGE_EXTENSIONS)} there (searched recursively) or give another folder")
         self.skipped = []
         readable = []
         for path in candidates:
@@ -67,7 +80,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             warnings.warn(f"ImageFolderDataset: skipped {len(self.skipped)} unreadable file(s) under {self.root}: "
                           f"{_describe_paths(self.skipped)}", stacklevel=2)
         if not readable:
-            raise ValueError(f"none of the {len(candidates)} image files under {self.root} could be read")
+            raise DataError(f"none of the {len(candidates)} image files under {self.root} could be read "
+                            f"(e.g. {candidates[0]}); check that they are complete images")
         class_of = [p.relative_to(self.root).parts[0] if len(p.relative_to(self.root).parts) > 1 else None
                     for p in readable]
         self.classes = sorted({c for c in class_of if c is not None})
@@ -102,6 +116,43 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         raise RuntimeError(f"no image under {self.root} could be decoded")
 
 
+class ImageListDataset(ImageFolderDataset):
+    """The images named in a text file, one per line: ``PATH`` or ``PATH<TAB>LABEL``.
+
+    Relative paths are relative to the list file's folder; blank lines and lines starting with
+    ``#`` are skipped. LABEL is an integer class id (-1 or none: unlabelled); ``classes`` are the
+    ids as strings, 0 .. max label. ``python -m dinolite.curate`` writes such files. Every listed
+    file must exist (checked when the list is read); decoding errors are handled as in
+    ImageFolderDataset (one warning, then the next readable image).
+    """
+
+    def __init__(self, list_file, transform=None):
+        self.root = Path(list_file).expanduser()
+        if not self.root.is_file():
+            raise FileNotFoundError(f"image list {self.root} does not exist; expected a text file with one image "
+                                    "path per line, optionally followed by a tab and an integer label")
+        self.transform = transform
+        self.samples, self.skipped, self._failed = [], [], set()
+        for number, line in enumerate(self.root.read_text().splitlines(), start=1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            path, _, label = line.rstrip("\r\n").partition("\t")
+            path = Path(path).expanduser()
+            path = path if path.is_absolute() else self.root.parent / path
+            if not path.is_file():
+                raise FileNotFoundError(f"{self.root} line {number}: image {path} does not exist "
+                                        "(relative paths are relative to the list file's folder)")
+            try:
+                label = int(label) if label.strip() else -1
+            except ValueError:
+                raise ValueError(f"{self.root} line {number}: label {label!r} is not an integer; write "
+                                 "PATH<TAB>LABEL with an integer class id, or PATH alone") from None
+            self.samples.append((path, label))
+        if not self.samples:
+            raise ValueError(f"image list {self.root} names no images (blank lines and # comments are skipped)")
+        self.classes = [str(c) for c in range(max(label for _, label in self.samples) + 1)]
+
+
 # --------------------------------------------------------------------------------------
 # torchvision datasets (already downloaded)
 # --------------------------------------------------------------------------------------
@@ -118,9 +169,9 @@ _DOWNLOAD_HINTS = {
 
 def _missing(name, root, error):
     url, call = _DOWNLOAD_HINTS[name]
-    return FileNotFoundError(
-        f"{name} not found under {root} ({error}). dinolite never downloads data itself; get it with\n"
-        f"  python -c \"import torchvision; {call.format(root=root)}\"\n"
+    return DataNotFoundError(
+        f"{name} not found under {root} ({error}). dinolite never downloads data itself; get it with "
+        f"`python -c \"import torchvision; {call.format(root=root)}\"` "
         f"or download and extract {url} into {root}."
     )
 
@@ -290,9 +341,9 @@ class SyntheticShapes(torch.utils.data.Dataset):
     def __init__(self, num_images: int = 10000, image_size: int = 64, seed: int = 0, transform=None,
                  return_mask: bool = False, style: str = "full"):
         if num_images < 1 or image_size < 8:
-            raise ValueError(f"SyntheticShapes needs num_images >= 1 and image_size >= 8, got {num_images}, {image_size}")
+            raise DataError(f"SyntheticShapes needs num_images >= 1 and image_size >= 8, got {num_images}, {image_size}")
         if style not in self.styles:
-            raise ValueError(f"SyntheticShapes style must be one of {', '.join(self.styles)}, got {style!r}")
+            raise DataError(f"SyntheticShapes style must be one of {', '.join(self.styles)}, got {style!r}")
         self.style = style
         self.num_images, self.image_size, self.seed = int(num_images), int(image_size), int(seed)
         self.transform, self.return_mask = transform, return_mask
@@ -474,7 +525,7 @@ class SyntheticTextures(torch.utils.data.Dataset):
 
     def __init__(self, num_images: int = 10000, image_size: int = 32, seed: int = 0, transform=None):
         if num_images < 1 or image_size < 8:
-            raise ValueError(f"SyntheticTextures needs num_images >= 1 and image_size >= 8, "
+            raise DataError(f"SyntheticTextures needs num_images >= 1 and image_size >= 8, "
                              f"got {num_images}, {image_size}")
         self.num_images, self.image_size, self.seed = int(num_images), int(image_size), int(seed)
         self.transform = transform
@@ -522,6 +573,7 @@ DATA_SPEC_FORMS = (
     "builtin  |  builtin:n=2000,size=64,seed=0,style=plain   (SyntheticShapes, no download; style full|plain)",
     "textures |  textures:n=2000,size=32,seed=0   (SyntheticTextures, 12 gray pattern classes, no download)",
     "folder:PATH  or an existing directory PATH   (images, optionally one subfolder per class)",
+    "list:FILE    (one image path per line, optionally TAB + integer label; paths relative to FILE's folder)",
     "cifar10:ROOT   (torchvision CIFAR-10 already downloaded under ROOT)",
     "stl10:ROOT     (torchvision STL-10 train+unlabeled under ROOT)",
     "imagenette:ROOT (torchvision Imagenette under ROOT)",
@@ -529,7 +581,8 @@ DATA_SPEC_FORMS = (
 
 
 def _spec_error(spec, problem):
-    return ValueError(f"bad --data spec {spec!r}: {problem}. Valid forms:\n  " + "\n  ".join(DATA_SPEC_FORMS))
+    forms = "; ".join(" ".join(form.split()) for form in DATA_SPEC_FORMS)
+    return DataError(f"bad --data spec {spec!r}: {problem}. Valid forms: {forms}")
 
 
 def _parse_options(spec: str, arg: str, defaults: dict, choices: dict) -> dict:
@@ -571,12 +624,14 @@ def build_dataset(spec: str, transform=None, train: bool = True, return_mask: bo
     if kind == "textures":
         o = _parse_options(spec, arg, {"n": 10000, "size": 32, "seed": 0}, {})
         return SyntheticTextures(num_images=o["n"], image_size=o["size"], seed=o["seed"], transform=transform)
-    if kind in ("folder", "cifar10", "stl10", "imagenette"):
+    if kind in ("folder", "list", "cifar10", "stl10", "imagenette"):
         if not arg:
             raise _spec_error(spec, f"{kind} needs a path after the colon")
         root = os.path.expanduser(arg)
         if kind == "folder":
             return ImageFolderDataset(root, transform=transform)
+        if kind == "list":
+            return ImageListDataset(root, transform=transform)
         if kind == "cifar10":
             return cifar10(root, train=train, transform=transform)
         if kind == "stl10":
@@ -607,8 +662,8 @@ def make_loader(dataset, batch_size: int, collate_fn=None, num_workers: int = 0,
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if drop_last and len(dataset) < batch_size * distributed.get_world_size():
-        raise ValueError(f"dataset has {len(dataset)} items, fewer than one batch of {batch_size} per rank "
-                         "with drop_last=True; use a smaller batch_size or more data")
+        raise DataError(f"dataset has {len(dataset)} items, fewer than one batch of {batch_size} per rank "
+                        "with drop_last=True; use a smaller batch_size or more data")
     generator = torch.Generator().manual_seed(seed)
     sampler = None
     if distributed.is_enabled():

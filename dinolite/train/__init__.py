@@ -18,6 +18,6 @@ from dinolite.train.config import (
     save_config,
     valid_keys,
 )
-from dinolite.train.loop import train, train_step
+from dinolite.train.loop import OutputDirError, train, train_step
 from dinolite.train.meta_arch import DINOv2MetaArch, build_student
 from dinolite.train.optim import build_optimizer, build_param_groups, param_rule, schedule_values

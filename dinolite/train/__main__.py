@@ -5,11 +5,16 @@ Examples:
     python -m dinolite.train --config vits16-imagenette-1gpu --data imagenette:~/data \
         --output-dir runs/vits16 train.batch_size=128 optim.base_lr=0.002
 Re-running with the same --output-dir resumes from its latest checkpoint.
+
+Continue a finished run with Gram anchoring (DINOv3's refinement stage), anchored to its step-100 teacher:
+    python -m dinolite.train --config dinov3-tiny-cpu-gram --data textures --output-dir runs/tiny-gram \
+        --continue-from runs/tiny gram.teacher=runs/tiny gram.teacher_step=100
+A config, data or output-directory problem prints one line `error: ...` and exits with code 2.
 """
 import argparse
 import sys
 
-from dinolite.data import DATA_SPEC_FORMS
+from dinolite.data import DATA_SPEC_FORMS, DataError
 from dinolite.train.config import RECIPES, apply_overrides, get_config, valid_keys
 
 
@@ -24,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help=f"a recipe ({', '.join(RECIPES)}) or a YAML file")
     parser.add_argument("--data", required=True, help="dataset spec, e.g. builtin, builtin:n=2000,size=64, imagenette:ROOT")
     parser.add_argument("--output-dir", required=True, help="checkpoints, logs, config.yaml, exported teacher; resumed if it exists")
+    parser.add_argument("--continue-from", metavar="RUN[@STEP]",
+                        help="start a new run from another run's checkpoint (its newest, or STEP): weights, "
+                             "optimiser and step count, with this config (e.g. a Gram-anchoring stage)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.base_lr=0.001 model.depth=6")
     return parser
@@ -42,9 +50,14 @@ def main(argv=None) -> int:
         from dinolite.train.config import config_to_dict
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0
-    from dinolite.train.loop import train
+    from dinolite.train.checkpoint import CheckpointError
+    from dinolite.train.loop import OutputDirError, train
 
-    arch = train(cfg, args.data, output_dir=args.output_dir)
+    try:
+        arch = train(cfg, args.data, output_dir=args.output_dir, continue_from=args.continue_from)
+    except (DataError, OutputDirError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     last = next((r for r in reversed(arch.history) if "knn_top1" in r), None)
     summary = f"done: {arch.completed_steps}/{arch.total_steps} steps, outputs in {args.output_dir}"
     if last:

@@ -3,6 +3,8 @@
 `os.replace` within one directory is atomic on POSIX and Windows, so a crash while saving
 leaves either the previous checkpoint or the new one, never a truncated file. Files are
 named checkpoint_<step>.pth (zero-padded) and only the newest `keep_last` are kept.
+A process killed mid-write (SIGKILL, power loss) cannot clean up its temporary file; the next
+run removes such leftovers with `remove_stale_temp_files`.
 """
 import os
 import re
@@ -11,6 +13,8 @@ import tempfile
 import torch
 
 _NAME = re.compile(r"^checkpoint_(\d+)\.pth$")
+# atomic_save's temporary files: ".tmp_" + the checkpoint's name + mkstemp's random characters.
+_TEMP_NAME = re.compile(r"^\.tmp_checkpoint_\d+\.pth\w+$")
 
 
 def checkpoint_path(output_dir: str, step: int) -> str:
@@ -32,6 +36,24 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
 def latest_checkpoint(output_dir: str) -> str | None:
     found = list_checkpoints(output_dir)
     return found[-1][1] if found else None
+
+
+def remove_stale_temp_files(output_dir: str) -> list[str]:
+    """Delete the temporary files of checkpoint saves that never finished; returns their paths.
+
+    Only names atomic_save creates for checkpoints (.tmp_checkpoint_<step>.pth<random>) are
+    touched, never a complete checkpoint_<step>.pth. Call it when no save is in progress in
+    `output_dir` (at the start of a run).
+    """
+    if not os.path.isdir(output_dir):
+        return []
+    removed = []
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if _TEMP_NAME.match(name) and os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+    return removed
 
 
 def atomic_save(obj, path: str) -> None:
@@ -65,3 +87,49 @@ def save_checkpoint(state: dict, output_dir: str, step: int, keep_last: int = 3)
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     # weights_only=False: the state holds plain Python containers and numbers we wrote ourselves.
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def weights_only_state(state: dict, dtype=None) -> dict:
+    """A training checkpoint without its optimiser state (AdamW keeps two moments per weight: half the size), with
+    the floating-point weights optionally cast to `dtype`: enough to continue training with a fresh optimiser
+    (train(..., continue_from=...)), to anchor to (GramTeacher.load) or to evaluate."""
+    def cast(tree):
+        if isinstance(tree, dict):
+            return {k: cast(v) for k, v in tree.items()}
+        if dtype is not None and isinstance(tree, torch.Tensor) and tree.is_floating_point():
+            return tree.to(dtype)
+        return tree
+
+    return {k: cast(v) for k, v in state.items() if k != "optimizer"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint to continue from, or to take a Gram teacher from, is missing or does not fit."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint file, run directory or step does not exist."""
+
+
+def resolve_checkpoint(source: str, step: int | None = None) -> str:
+    """The checkpoint file `source` itself, or checkpoint_<step>.pth of the run directory `source`
+    (its newest checkpoint if step is None). Errors name what exists."""
+    if os.path.isfile(source):
+        if step is not None:
+            raise CheckpointError(f"{source} is a file; a step ({step}) only selects a checkpoint in a run directory")
+        return source
+    if not os.path.isdir(source):
+        raise CheckpointNotFoundError(f"checkpoint {source!r} not found: give a run directory (with "
+                                      "checkpoint_<step>.pth files) or a checkpoint file")
+    found = list_checkpoints(source)
+    if not found:
+        raise CheckpointNotFoundError(f"{source} holds no checkpoint_<step>.pth file")
+    if step is None:
+        return found[-1][1]
+    path = checkpoint_path(source, step)
+    if not os.path.isfile(path):
+        kept = ", ".join(str(s) for s, _ in found)
+        raise CheckpointNotFoundError(f"{source} has no checkpoint of step {step} (kept steps: {kept}); a run keeps "
+                                      "only its last train.keep_last checkpoints, so copy a checkpoint you will need "
+                                      "later (e.g. an early Gram teacher) before it is deleted")
+    return path

@@ -37,6 +37,14 @@ class ModelConfig:
     pos_embed: str = "learned"  # "learned" or "rope"
     layerscale_init: float = 1e-5  # 0 disables LayerScale
     drop_path_rate: float = 0.3  # uniform over blocks (DINOv2)
+    drop_path_mode: str = "subset"  # "subset" (official: the branch runs on int(B(1-p)) samples) or "mask"
+    norm_eps: float = 0.0  # LayerNorm eps; 0: by layout, 1e-5 for "rope" (DINOv3), 1e-6 for "learned" (DINOv2)
+    qkv_bias: bool = True  # False in the DINOv3 7B
+    mask_k_bias: bool = False  # DINOv3: no bias on the keys (a bias_mask buffer)
+    untie_local_cls_norm: bool = False  # DINOv3 7B: a separate LayerNorm for the local crops' CLS token
+    rope_shift_coords: float = 0.0  # RoPE training augmentations (0: off); DINOv3 7B: rescale 2 only
+    rope_jitter_coords: float = 0.0
+    rope_rescale_coords: float = 0.0
 
 
 @dataclass
@@ -49,6 +57,9 @@ class HeadConfig:
     bottleneck_dim: int = 256
     n_layers: int = 3
     share_heads: bool = False  # True: one head for DINO and iBOT (DINOv2 small configs)
+    ibot_hidden_dim: int = 0  # 0: hidden_dim (DINOv3 7B: 4096 vs 8192 for the DINO head)
+    ibot_bottleneck_dim: int = 0  # 0: bottleneck_dim (DINOv3 7B: 384 vs 512)
+    weight_norm_last_layer: bool = True  # DINOv2; DINOv3 uses a plain linear prototype layer
 
 
 @dataclass
@@ -57,7 +68,6 @@ class LossConfig:
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
     # DINOv3 Gram anchoring slot: weight 0 in DINOv2 pre-training (not implemented here).
-    gram_weight: float = 0.0
     centering: str = "sinkhorn_knopp"  # or "softmax_center"
     center_momentum: float = 0.9  # softmax_center only
     student_temp: float = 0.1
@@ -82,6 +92,9 @@ class CropConfig:
     mask_probability: float = 0.5  # fraction of global crops that get a mask
     mask_ratio_min: float = 0.1
     mask_ratio_max: float = 0.5
+    mask_ratio_mode: str = "uniform"  # "uniform" in each bin (DINOv2) or the bin's upper edge (DINOv3)
+    complete_masks: bool = False  # DINOv3: fill each mask up to its exact target with random patches
+    flip_probability: float = 0.5  # horizontal flips (DINOv3 7B: none)
 
 
 @dataclass
@@ -110,6 +123,7 @@ class TrainConfig:
     precision: str = "bf16"  # "bf16" (autocast, losses in fp32) or "fp32"
     device: str = "auto"  # "auto": cuda when available, else cpu
     num_workers: int = 8
+    threads: int = 0  # compute threads of the training process; 0: auto, the cores the data workers leave
     checkpoint_every: int = 1000  # steps; the last step is always saved
     keep_last: int = 3
     log_every: int = 10  # steps between metrics.jsonl lines
@@ -123,6 +137,26 @@ class TrainConfig:
 
 
 @dataclass
+class GramConfig:
+    """DINOv3 Gram anchoring: the student's patch-similarity (Gram) matrices are pulled towards those of
+    a frozen Gram teacher (an earlier checkpoint). Off while weight is 0."""
+
+    weight: float = 0.0  # weight of the Gram loss after the warm-up (0: no Gram anchoring)
+    start_epoch: float = 0.0  # the Gram loss is off before this epoch
+    warmup_epochs: float = 0.0  # then it ramps linearly from 0 to weight over these epochs
+    final_weight: float = -1.0  # < 0: constant weight after the warm-up; else cosine to this value at the end
+    local_dino_weight: float = 0.5  # weight of the DINO local-crop pairs while the Gram loss is on (DINOv3: 0.5)
+    teacher: str = ""  # a run directory (see teacher_step), a dinolite checkpoint or an official-layout file
+    teacher_step: int = -1  # with a run directory: the checkpoint step to take (-1: its newest)
+    update_every: int = 0  # refresh the Gram teacher from the EMA teacher every n steps (0: never)
+    first_update: int = 0  # first step of a refresh
+    max_updates: int = 0  # at most this many refreshes (0: no limit)
+    teacher_scale: float = 2.0  # the teacher sees the same crops at this times the global size (1: the same)
+    img_level: bool = True  # one Gram matrix per image (False: one over all patches of the batch)
+    remove_neg: str = "none"  # "none", "both" or "teacher" (see dinolite.losses.gram_loss)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -130,6 +164,7 @@ class Config:
     crops: CropConfig = field(default_factory=CropConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
 
     @property
     def total_steps(self) -> int:
@@ -194,8 +229,83 @@ def _vitb14_imagenet() -> Config:
     )
 
 
+def _dinov3_tiny_cpu() -> Config:
+    """tiny-cpu with everything DINOv3 trains with: RoPE (no position table) with its rescale augmentation,
+    4 storage tokens, LayerNorm eps 1e-5, an untied local-CLS norm, separate DINO and iBOT heads with plain
+    (not weight-normalised) prototype layers, Sinkhorn-Knopp centering, DINOv3 masking (bin upper edges,
+    filled to the exact ratio), subset stochastic depth and no flips. tiny-cpu's deviations for a run of a
+    few hundred CPU steps (no LayerScale, K = 128, sharp teacher, high lr, fp32) are kept."""
+    cfg = _tiny_cpu()
+    cfg.model = dataclasses.replace(cfg.model, pos_embed="rope", num_register_tokens=4, rope_rescale_coords=2.0,
+                                    untie_local_cls_norm=True, mask_k_bias=True)
+    cfg.head = dataclasses.replace(cfg.head, share_heads=False, weight_norm_last_layer=False)
+    cfg.crops = dataclasses.replace(cfg.crops, mask_ratio_mode="upper", complete_masks=True, flip_probability=0.0)
+    return cfg
+
+
+def _dinov3_tiny_cpu_gram() -> Config:
+    """The Gram-anchoring stage of dinov3-tiny-cpu, meant to continue a finished dinov3-tiny-cpu run
+    (--continue-from RUN): 4 more epochs with the Gram loss from epoch 8, ramped to 1.0 over a fifth of an
+    epoch, a 2x high-resolution Gram teacher, the local-crop DINO weight at 0.5 and a slower teacher, as the
+    7B refinement does (2.0, 512 px teacher, 0.5, momentum 0.999). Set gram.teacher (and gram.teacher_step)."""
+    cfg = _dinov3_tiny_cpu()
+    cfg.train = dataclasses.replace(cfg.train, epochs=12)
+    cfg.optim = dataclasses.replace(cfg.optim, momentum_teacher=0.999, final_momentum_teacher=0.999)
+    cfg.gram = GramConfig(weight=1.0, start_epoch=8, warmup_epochs=0.2, teacher_scale=2.0, local_dino_weight=0.5)
+    return cfg
+
+
+def _dinov3_vit7b16_pretrain() -> Config:
+    """The DINOv3 ViT-7B/16 pre-training config (official values; 256 GPUs x 16 images, not for one machine).
+
+    The official lr schedule is 0 -> 5e-5 over 100 epochs, then constant, scaled by sqrt(global batch / 1024):
+    base_lr 5e-5, and min_lr = 1e-4, the scaled value at the official global batch of 4096, keeps it constant.
+    """
+    return Config(
+        model=ModelConfig(img_size=256, patch_size=16, embed_dim=4096, depth=40, num_heads=32, ffn="swiglu64",
+                          ffn_ratio=3.0, num_register_tokens=4, pos_embed="rope", layerscale_init=1e-5,
+                          drop_path_rate=0.4, drop_path_mode="subset", norm_eps=1e-5, qkv_bias=False,
+                          mask_k_bias=True, untie_local_cls_norm=True, rope_rescale_coords=2.0),
+        head=HeadConfig(dino_out_dim=262144, hidden_dim=8192, bottleneck_dim=512, ibot_out_dim=98304,
+                        ibot_hidden_dim=4096, ibot_bottleneck_dim=384, share_heads=False,
+                        weight_norm_last_layer=False),
+        loss=LossConfig(centering="sinkhorn_knopp", teacher_temp=0.07, warmup_teacher_temp=0.04,
+                        warmup_teacher_temp_epochs=100),
+        crops=CropConfig(global_size=256, local_size=112, n_local=8, mask_ratio_mode="upper", complete_masks=True,
+                         flip_probability=0.0),
+        optim=OptimConfig(base_lr=5e-5, min_lr=1e-4, warmup_epochs=100, weight_decay=0.04, weight_decay_end=0.04,
+                          momentum_teacher=0.994, final_momentum_teacher=0.994, clip_grad=30.0,
+                          layerwise_decay=0.98, patch_embed_lr_mult=0.2, freeze_last_layer_epochs=5,
+                          adamw_beta2=0.99),
+        train=TrainConfig(batch_size=16, epochs=1000, epoch_length=1000, precision="bf16", num_workers=10,
+                          checkpoint_every=1000, keep_last=3),
+    )
+
+
+def _dinov3_vit7b16_gram() -> Config:
+    """The DINOv3 ViT-7B/16 Gram-anchoring stage: continues the pre-training run from iteration 1M to 1.2M.
+
+    Official: Gram loss weight 0 until epoch 1000, then to 2.0 over one epoch (a cosine ramp; ours is linear),
+    the local-crop DINO weight 1 -> 0.5 (ours switches at epoch 1000), Gram teacher crops 512 px (2x), refreshed
+    from the EMA teacher every 10k iterations from 1.01M, at most 3 times; lr 3e-5 (constant: min_lr = the
+    scaled value at batch 4096), teacher momentum 0.999. Set gram.teacher to the chosen early checkpoint.
+    """
+    cfg = _dinov3_vit7b16_pretrain()
+    cfg.train = dataclasses.replace(cfg.train, epochs=1200)
+    cfg.optim = dataclasses.replace(cfg.optim, base_lr=3e-5, min_lr=6e-5, momentum_teacher=0.999,
+                                    final_momentum_teacher=0.999)
+    cfg.gram = GramConfig(weight=2.0, start_epoch=1000, warmup_epochs=1, local_dino_weight=0.5, teacher_scale=2.0,
+                          update_every=10_000, first_update=1_010_000, max_updates=3, img_level=True,
+                          remove_neg="none")
+    return cfg
+
+
 RECIPES = {
     "tiny-cpu": _tiny_cpu,
+    "dinov3-tiny-cpu": _dinov3_tiny_cpu,
+    "dinov3-tiny-cpu-gram": _dinov3_tiny_cpu_gram,
+    "dinov3-vit7b16-pretrain": _dinov3_vit7b16_pretrain,
+    "dinov3-vit7b16-gram": _dinov3_vit7b16_gram,
     "vits16-imagenette-1gpu": _vits16_imagenette_1gpu,
     "vitb14-imagenet": _vitb14_imagenet,
 }
@@ -322,7 +432,10 @@ def config_from_dict(d: dict) -> Config:
     if not isinstance(d, dict):
         raise ValueError(f"a config must be a mapping of sections, got {type(d).__name__}")
     cfg = Config()
-    for key, value in _flatten(d).items():
+    flat = _flatten(d)
+    if flat.get("loss.gram_weight", 0.0) == 0.0:
+        flat.pop("loss.gram_weight", None)  # retired (always 0): runs saved before gram.* existed still load
+    for key, value in flat.items():
         set_value(cfg, key, value)
     validate(cfg)
     return cfg
@@ -334,8 +447,14 @@ def save_config(cfg: Config, path: str) -> None:
 
 
 def load_config(path: str) -> Config:
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path} is not valid YAML{where} ({getattr(e, 'problem', None) or e}); fix it "
+                         "(--print-config shows the expected layout)") from None
     try:
         return config_from_dict(data)
     except ValueError as e:
@@ -373,6 +492,16 @@ def validate(cfg: Config) -> None:
     check(m.pos_embed in ("learned", "rope"), "model.pos_embed",
           f"must be 'learned' or 'rope', got {m.pos_embed!r}")
     check(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
+    check(m.drop_path_mode in ("subset", "mask"), "model.drop_path_mode",
+          f"must be 'subset' or 'mask', got {m.drop_path_mode!r}")
+    check(m.norm_eps >= 0.0, "model.norm_eps", "must be >= 0 (0: 1e-5 for rope models, 1e-6 otherwise)")
+    check(min(m.rope_shift_coords, m.rope_jitter_coords, m.rope_rescale_coords) >= 0.0, "model.rope_rescale_coords",
+          "RoPE augmentations must be >= 0 (0: off)")
+    check(m.pos_embed == "rope" or not (m.rope_shift_coords or m.rope_jitter_coords or m.rope_rescale_coords),
+          "model.pos_embed", "RoPE coordinate augmentations need model.pos_embed=rope")
+    check(c.mask_ratio_mode in ("uniform", "upper"), "crops.mask_ratio_mode",
+          f"must be 'uniform' (DINOv2) or 'upper' (DINOv3), got {c.mask_ratio_mode!r}")
+    check(0.0 <= c.flip_probability <= 1.0, "crops.flip_probability", "must be in [0, 1]")
     for key, size in (("crops.global_size", c.global_size), ("crops.local_size", c.local_size)):
         check(size % m.patch_size == 0, key,
               f"{size} is not a multiple of model.patch_size={m.patch_size}; use e.g. "
@@ -385,14 +514,28 @@ def validate(cfg: Config) -> None:
           "need 0 <= mask_ratio_min <= mask_ratio_max <= 1")
     check(lo.centering in ("sinkhorn_knopp", "softmax_center"), "loss.centering",
           f"must be 'sinkhorn_knopp' or 'softmax_center', got {lo.centering!r}")
-    check(lo.gram_weight == 0.0, "loss.gram_weight",
-          "Gram anchoring (DINOv3) is not implemented in dinolite.train; keep it 0")
+    g = cfg.gram
+    check(g.weight >= 0.0, "gram.weight", "must be >= 0 (0: no Gram anchoring)")
+    check(g.start_epoch >= 0.0 and g.warmup_epochs >= 0.0, "gram.warmup_epochs",
+          "gram.start_epoch and gram.warmup_epochs must be >= 0")
+    check(g.local_dino_weight >= 0.0, "gram.local_dino_weight", "must be >= 0")
+    check(g.update_every >= 0 and g.first_update >= 0 and g.max_updates >= 0, "gram.update_every",
+          "gram.update_every, gram.first_update and gram.max_updates must be >= 0")
+    check(g.teacher_step >= -1, "gram.teacher_step", "must be a checkpoint step, or -1 for the newest")
+    check(g.remove_neg in ("none", "both", "teacher"), "gram.remove_neg",
+          f"must be 'none', 'both' or 'teacher', got {g.remove_neg!r}")
+    gram_size = g.teacher_scale * c.global_size
+    check(g.teacher_scale >= 1.0 and gram_size == int(gram_size) and int(gram_size) % m.patch_size == 0,
+          "gram.teacher_scale", f"must be >= 1 and give a Gram crop size (teacher_scale x crops.global_size = "
+          f"{gram_size:g}) that is a multiple of model.patch_size={m.patch_size}")
     check(t.precision in ("bf16", "fp32"), "train.precision", f"must be 'bf16' or 'fp32', got {t.precision!r}")
     check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device",
           f"must be 'auto', 'cpu' or 'cuda[:i]', got {t.device!r}")
     check(t.batch_size >= 2, "train.batch_size", "must be >= 2 (KoLeo needs a neighbour)")
     check(t.epochs >= 1, "train.epochs", "must be >= 1")
     check(t.epoch_length >= 0, "train.epoch_length", "must be >= 0 (0: len(dataset) // batch)")
+    check(t.num_workers >= 0, "train.num_workers", "must be >= 0 (0: load data in the training process)")
+    check(t.threads >= 0, "train.threads", "must be >= 0 (0: auto, the cores left by the data workers)")
     check(t.keep_last >= 1, "train.keep_last", "must be >= 1")
     check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     check(t.log_every >= 1, "train.log_every", "must be >= 1")

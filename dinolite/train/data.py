@@ -13,7 +13,7 @@ permutation e drawn from (seed, e); step s on rank r takes stream positions
 import numpy as np
 import torch
 
-from dinolite.data import MultiCropAugmentation
+from dinolite.data import DataError, MultiCropAugmentation
 from dinolite.masking import MaskingGenerator, collate_multicrop
 from dinolite.train.config import Config
 
@@ -35,8 +35,16 @@ def build_augmentation(cfg: Config) -> MultiCropAugmentation:
     return MultiCropAugmentation(
         global_size=c.global_size, local_size=c.local_size, n_local=c.n_local,
         global_scale=(c.global_scale_min, 1.0), local_scale=(c.local_scale_min, c.local_scale_max),
-        blur_sigma=(c.blur_sigma_min, c.blur_sigma_max),
+        blur_sigma=(c.blur_sigma_min, c.blur_sigma_max), flip_p=c.flip_probability, gram_size=gram_crop_size(cfg),
     )
+
+
+def gram_crop_size(cfg: Config) -> int | None:
+    """Size of the Gram teacher's crops (the global crops' boxes at gram.teacher_scale x the global size,
+    without photometric distortion), or None when the teacher sees the student's global crops."""
+    if cfg.gram.weight == 0.0 or cfg.gram.teacher_scale == 1.0:
+        return None
+    return int(cfg.gram.teacher_scale * cfg.crops.global_size)
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -53,8 +61,10 @@ class StepBatches(torch.utils.data.Dataset):
     def __init__(self, dataset, cfg: Config, total_steps: int, start_step: int = 0, rank: int = 0,
                  world_size: int = 1):
         if len(dataset) < cfg.train.batch_size * world_size:
-            raise ValueError(f"the dataset has {len(dataset)} images, fewer than one global batch "
-                             f"({cfg.train.batch_size} x {world_size}); lower train.batch_size")
+            most = len(dataset) // world_size
+            fix = f"set train.batch_size={most} (or less) or use more images" if most >= 2 else "use more images"
+            raise DataError(f"the dataset has {len(dataset)} images, fewer than one global batch "
+                            f"(train.batch_size={cfg.train.batch_size} x {world_size} processes); {fix}")
         self.dataset, self.cfg = dataset, cfg
         self.total_steps, self.start_step = total_steps, start_step
         self.rank, self.world_size = rank, world_size
@@ -96,6 +106,7 @@ class StepBatches(torch.utils.data.Dataset):
         batch = collate_multicrop(
             samples, mask_generator, mask_probability=c.mask_probability,
             mask_ratio_range=(c.mask_ratio_min, c.mask_ratio_max), patch_size=self.cfg.model.patch_size,
+            ratio_mode=c.mask_ratio_mode, complete_masks=c.complete_masks,
             generator=step_generator(seed, step, self.rank, _MASKS + 100),
         )
         batch["step"] = step

@@ -20,7 +20,14 @@ import torch
 from dinolite import distributed
 from dinolite.ema import ema_update_
 from dinolite.monitor import CollapseMonitor, check_teacher
-from dinolite.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dinolite.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_stale_temp_files,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from dinolite.train.config import Config, config_diff, config_from_dict, config_to_dict, load_config, save_config
 from dinolite.train.data import _MODEL, StepBatches, derive_seed, move_batch
 from dinolite.train.meta_arch import DINOv2MetaArch
@@ -28,12 +35,44 @@ from dinolite.train.optim import StepValues, apply_schedule_, build_optimizer, s
 
 # Run-control keys that may change when resuming: they do not change what is computed.
 RESUMABLE_KEYS = {
-    "train.device", "train.num_workers", "train.progress", "train.tensorboard", "train.log_every",
-    "train.checkpoint_every", "train.keep_last", "train.monitor_every", "train.knn_every",
+    "train.device", "train.num_workers", "train.threads", "train.progress", "train.tensorboard",
+    "train.log_every", "train.checkpoint_every", "train.keep_last", "train.monitor_every", "train.knn_every",
 }
 # Below this many images per rank and step, batch statistics (Sinkhorn-Knopp columns, KoLeo
 # nearest neighbours, the centre) get noisy; we warn.
 SMALL_BATCH = 32
+
+
+class OutputDirError(ValueError):
+    """The output directory cannot be used for this run (a different config is saved there, or it is a file)."""
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, e.g. under taskset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def intra_op_threads(threads: int, num_workers: int) -> int:
+    """Threads for the training process's own ops: `threads`, or for 0 (auto) the cores the data workers leave.
+
+    Each DataLoader worker is a process that keeps one core busy decoding and augmenting. With
+    more compute threads than free cores, the threads of one op wait on each other while the
+    workers hold their cores, and a step can take several times longer. Auto never exceeds
+    torch's current setting, so OMP_NUM_THREADS or an earlier torch.set_num_threads still caps it.
+    """
+    if threads > 0:
+        return threads
+    return max(1, min(torch.get_num_threads(), available_cores() - num_workers))
+
+
+def _one_thread_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: one compute thread per worker (the training process sizes its own).
+
+    PyTorch's worker loop sets one thread as well; saying it here keeps the whole thread budget in one file.
+    """
+    torch.set_num_threads(1)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,7 +105,9 @@ def train_step(arch: DINOv2MetaArch, optimizer: torch.optim.Optimizer, batch: di
     arch.train()
     apply_schedule_(optimizer, values)
     optimizer.zero_grad(set_to_none=True)
-    out = arch.forward_losses(batch, values.teacher_temp, autocast)
+    if arch.gram_teacher is not None:
+        arch.gram_teacher.maybe_refresh(step, arch.teacher.backbone)  # before the step, as officially
+    out = arch.forward_losses(batch, values.teacher_temp, autocast, values.gram_weight, values.local_dino_weight)
     out["loss"].backward()
     params = [p for p in arch.student.parameters() if p.grad is not None]
     max_norm = clip_grad if clip_grad > 0 else math.inf
@@ -91,6 +132,8 @@ def training_state(arch: DINOv2MetaArch, optimizer, step: int, cfg: Config) -> d
                     if hasattr(arch, name)},
         "optimizer": optimizer.state_dict(),
         "config": config_to_dict(cfg),
+        # weights (refreshed copies differ from the file it was loaded from) and the refresh count
+        "gram_teacher": None if arch.gram_teacher is None else arch.gram_teacher.state_dict(),
     }
 
 
@@ -101,6 +144,31 @@ def restore_training_state(state: dict, arch: DINOv2MetaArch, optimizer) -> int:
     for name, center_state in state["centers"].items():
         getattr(arch, name).load_state_dict(center_state, strict=True)
     optimizer.load_state_dict(state["optimizer"])
+    if arch.gram_teacher is not None:
+        arch.gram_teacher.load_state_dict(state["gram_teacher"], strict=True)
+    return int(state["step"])
+
+
+def continue_training_state(state: dict, arch: DINOv2MetaArch, optimizer, source: str) -> int:
+    """Start a new run (a new config) from another run's checkpoint: its student, teacher, centering and
+    optimiser state and its step count, as DINOv3's Gram-anchoring stage continues the pre-training
+    run. The Gram teacher is not taken from it (see gram.teacher). A checkpoint saved without optimiser
+    state (a smaller file: dinolite.train.checkpoint.weights_only_state) starts AdamW afresh. Returns the
+    step to start at."""
+    try:
+        arch.student.load_state_dict(state["student"], strict=True)
+        arch.teacher.load_state_dict(state["teacher"], strict=True)
+        for name in ("dino_center", "ibot_center"):
+            if hasattr(arch, name) != (name in state["centers"]):
+                raise ValueError("loss.centering differs")
+            if hasattr(arch, name):
+                getattr(arch, name).load_state_dict(state["centers"][name], strict=True)
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{source} does not fit this config ({first_line}): continue with the same "
+                              "model, head and centering settings as that run") from None
     return int(state["step"])
 
 
@@ -112,9 +180,9 @@ def _check_resume_config(output_dir: str, cfg: Config) -> None:
     diff = {k: v for k, v in config_diff(saved, cfg).items() if k not in RESUMABLE_KEYS}
     if diff:
         lines = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"{output_dir} holds a run with a different config ({lines}). Resume with the "
-                         f"same config, or use a new --output-dir. Only these keys may change on resume: "
-                         f"{', '.join(sorted(RESUMABLE_KEYS))}")
+        raise OutputDirError(f"{output_dir} holds a run with a different config ({lines}). Resume with the "
+                             f"same config, or use a new --output-dir. Only these keys may change on resume: "
+                             f"{', '.join(sorted(RESUMABLE_KEYS))}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -183,7 +251,7 @@ class _Logger:
                 self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
             except ImportError:
                 warnings.warn("train.tensorboard=true but tensorboard is not installed; "
-                              "logging to metrics.jsonl only (pip install tensorboard)", stacklevel=3)
+                              "logging to metrics.jsonl only (pip install tensorboard)", stacklevel=4)
 
     def log(self, record: dict):
         self.history.append(record)
@@ -213,7 +281,8 @@ def _small_batch_warning(cfg: Config, world_size: int) -> str | None:
 
 
 def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | None = None,
-          knn_data="auto", device=None, progress: bool | None = None) -> DINOv2MetaArch:
+          knn_data="auto", device=None, progress: bool | None = None,
+          continue_from: str | None = None) -> DINOv2MetaArch:
     """Train DINOv2 with `cfg` on `data` and return the meta-architecture (teacher and student).
 
     Args:
@@ -228,8 +297,29 @@ def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | 
         knn_data: "auto" (a labelled held-out split when the data has one, see knn_datasets),
             None (no kNN), or a (train, held-out) pair of labelled datasets.
         device, progress: override cfg.train.device / cfg.train.progress.
+        continue_from: "RUN_DIR", "RUN_DIR@STEP" or a checkpoint file: when output_dir holds no checkpoint
+            yet, start from that checkpoint's weights, optimiser state and step with this (new) config,
+            e.g. a Gram-anchoring stage after pre-training. Ignored once output_dir has a checkpoint (resume).
     The returned module has `history`: the list of logged records (also in metrics.jsonl).
+    It runs with intra_op_threads(cfg.train.threads, cfg.train.num_workers) compute threads and
+    restores the previous number afterwards.
     """
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(intra_op_threads(cfg.train.threads, cfg.train.num_workers))
+    try:
+        return _train(cfg, data, output_dir, stop_at_step, knn_data, device, progress, continue_from)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _parse_run_and_step(source: str) -> tuple[str, int | None]:
+    """"runs/x@200" -> ("runs/x", 200); anything else -> (source, None)."""
+    run, _, step = source.rpartition("@")
+    return (run, int(step)) if run and step.isdigit() else (source, None)
+
+
+def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progress,
+           continue_from=None) -> DINOv2MetaArch:
     from dinolite.data import build_dataset
 
     t = cfg.train
@@ -251,7 +341,7 @@ def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | 
     total_steps = t.epochs * epoch_length
     warning = _small_batch_warning(cfg, world_size)
     if warning and is_main:
-        warnings.warn(warning, stacklevel=2)
+        warnings.warn(warning, stacklevel=3)
 
     # Model and optimiser (the init is seeded so that the same seed gives the same network).
     torch.manual_seed(t.seed)
@@ -263,18 +353,44 @@ def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | 
 
     start_step = 0
     if output_dir:
-        os.makedirs(output_dir, exist_ok=True)
-        _check_resume_config(output_dir, cfg)
+        if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+            raise OutputDirError(f"output directory {output_dir} is a file; give the path of a directory "
+                                 "(it is created if missing)")
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+        except OSError as e:
+            raise OutputDirError(f"cannot create output directory {output_dir} ({e.strerror}: {e.filename}); "
+                                 "give a path you can write to") from None
+        if is_main:
+            for stale in remove_stale_temp_files(output_dir):
+                print(f"removed {stale}: the temporary file of a checkpoint save that never finished")
         path = latest_checkpoint(output_dir)
         if path:
+            # Only a directory with a checkpoint holds a run to continue; without one, a run that
+            # failed early (e.g. batch too large for the data) is retried with the new config.
+            _check_resume_config(output_dir, cfg)
             state = load_checkpoint(path, map_location=device)
             bad = {k: v for k, v in config_diff(config_from_dict(state["config"]), cfg).items()
                    if k not in RESUMABLE_KEYS}
             if bad:
-                raise ValueError(f"checkpoint {path} was trained with another config: {bad}")
+                raise OutputDirError(f"checkpoint {path} was trained with another config: {bad}. Resume with "
+                                     "that config, or use a new --output-dir")
             start_step = restore_training_state(state, arch, optimizer)
+            if is_main:
+                print(f"resuming from step {start_step} (checkpoint {path})")
+    if continue_from and start_step == 0:
+        source = resolve_checkpoint(*_parse_run_and_step(continue_from))
+        start_step = continue_training_state(load_checkpoint(source, map_location=device), arch, optimizer, source)
+        if start_step >= total_steps:
+            raise CheckpointError(f"{source} is at step {start_step} but this config ends at step {total_steps}: "
+                                  "raise train.epochs to train further")
         if is_main:
-            save_config(cfg, os.path.join(output_dir, "config.yaml"))
+            print(f"continuing from step {start_step} of {source} with the new config")
+    batches = StepBatches(dataset, cfg, total_steps, start_step, rank, world_size)  # checks the data size
+    if output_dir and is_main:
+        save_config(cfg, os.path.join(output_dir, "config.yaml"))
+        if start_step == 0 and os.path.exists(os.path.join(output_dir, "metrics.jsonl")):
+            os.remove(os.path.join(output_dir, "metrics.jsonl"))  # left by a run that never checkpointed
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
 
     logger = _Logger(output_dir, t.tensorboard, is_main)
@@ -292,10 +408,9 @@ def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | 
     if start_step == 0 and t.knn_every and start_step < end_step:
         evaluate_knn(0)  # the network at initialisation, as a baseline
 
-    batches = StepBatches(dataset, cfg, total_steps, start_step, rank, world_size)
     loader = torch.utils.data.DataLoader(
         batches, batch_size=None, shuffle=False, num_workers=t.num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=False,
+        pin_memory=device.type == "cuda", persistent_workers=False, worker_init_fn=_one_thread_worker,
     )
     bar = None
     if progress and is_main:
@@ -313,9 +428,12 @@ def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | 
             done = step + 1
             if done % t.log_every == 0 or done == end_step:
                 elapsed, tic = time.perf_counter() - tic, time.perf_counter()
-                record = {"step": done, **{k: out[k].item() for k in ("loss", "dino", "ibot", "koleo", "grad_norm")},
+                terms = ("loss", "dino", "ibot", "koleo", "gram", "grad_norm")
+                record = {"step": done, **{k: out[k].item() for k in terms if k in out},
                           "lr": values.lr, "weight_decay": values.weight_decay, "momentum": values.momentum,
                           "teacher_temp": values.teacher_temp}
+                if arch.gram_teacher is not None:
+                    record.update(gram_weight=values.gram_weight, local_dino_weight=values.local_dino_weight)
                 record["images_per_s"] = t.batch_size * world_size * (done - getattr(logger, "_last", start_step)) / elapsed
                 logger._last = done
                 logger.log(record)
@@ -333,7 +451,7 @@ def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | 
                 metrics = {k: v for k, v in monitor.history[-1].items() if k not in ("step", "loss")}
                 logger.log({"step": done, **{f"monitor/{k}": v for k, v in metrics.items()}})
                 if message and is_main:
-                    warnings.warn(message, stacklevel=2)
+                    warnings.warn(message, stacklevel=3)
             if t.knn_every and done % t.knn_every == 0 and done != end_step:
                 evaluate_knn(done)
             if output_dir and is_main and (done % t.checkpoint_every == 0 or done == end_step):

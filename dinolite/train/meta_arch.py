@@ -7,7 +7,10 @@
     masked patches [M,D] -> iBOT head -> SK -> P_t        masked patches [M,D] -> iBOT head -> z_s
 
     loss = 1.0 DINO(z_s, P_t) + 1.0 iBOT(z_s, P_t) + 0.1 sum_crops KoLeo(student CLS of the crop)
-           (+ gram_weight * Gram: DINOv3 slot, weight 0, not implemented)
+           + w_Gram * Gram(student patches of the global crops, Gram teacher's patches)   (DINOv3, gram.*)
+
+    Gram teacher (cfg.gram.weight > 0): a frozen earlier backbone (dinolite.gram_teacher) that sees the
+    global crops (or the same boxes at gram.teacher_scale x the size: batch["gram_crops"]).
 
 Everything random (drop path) is driven by torch's global RNG, which the loop seeds from
 (seed, step), so a step is a pure function of the weights, the batch and the step number.
@@ -19,9 +22,11 @@ from torch import nn
 
 from dinolite.centering import SoftmaxCenter, sinkhorn_knopp
 from dinolite.ema import make_teacher
+from dinolite.gram_teacher import GramTeacher
 from dinolite.heads import DINOHead
-from dinolite.losses import DINOLoss, IBOTPatchLoss, koleo_loss
+from dinolite.losses import DINOLoss, IBOTPatchLoss, gram_loss, koleo_loss
 from dinolite.models import VisionTransformer
+from dinolite.train.checkpoint import CheckpointError
 from dinolite.train.config import Config
 
 
@@ -32,6 +37,10 @@ def build_backbone(cfg: Config) -> VisionTransformer:
         num_heads=m.num_heads, ffn_ratio=m.ffn_ratio, ffn=m.ffn, drop_path_rate=m.drop_path_rate,
         layerscale_init=m.layerscale_init if m.layerscale_init > 0 else None,
         num_register_tokens=m.num_register_tokens, pos_embed=m.pos_embed,
+        norm_eps=m.norm_eps if m.norm_eps > 0 else None, drop_path_mode=m.drop_path_mode,
+        qkv_bias=m.qkv_bias, mask_k_bias=m.mask_k_bias, untie_global_and_local_cls_norm=m.untie_local_cls_norm,
+        rope_shift_coords=m.rope_shift_coords or None, rope_jitter_coords=m.rope_jitter_coords or None,
+        rope_rescale_coords=m.rope_rescale_coords or None,
     )
 
 
@@ -39,11 +48,14 @@ def build_student(cfg: Config) -> nn.ModuleDict:
     """backbone + dino_head + ibot_head (the same module when cfg.head.share_heads)."""
     h = cfg.head
     backbone = build_backbone(cfg)
-    dino_head = DINOHead(cfg.model.embed_dim, h.dino_out_dim, h.hidden_dim, h.bottleneck_dim, h.n_layers)
+    dino_head = DINOHead(cfg.model.embed_dim, h.dino_out_dim, h.hidden_dim, h.bottleneck_dim, h.n_layers,
+                         weight_norm_last_layer=h.weight_norm_last_layer)
     if h.share_heads:
         ibot_head = dino_head
     else:
-        ibot_head = DINOHead(cfg.model.embed_dim, h.ibot_out_dim, h.hidden_dim, h.bottleneck_dim, h.n_layers)
+        ibot_head = DINOHead(cfg.model.embed_dim, h.ibot_out_dim, h.ibot_hidden_dim or h.hidden_dim,
+                             h.ibot_bottleneck_dim or h.bottleneck_dim, h.n_layers,
+                             weight_norm_last_layer=h.weight_norm_last_layer)
     return nn.ModuleDict(dict(backbone=backbone, dino_head=dino_head, ibot_head=ibot_head))
 
 
@@ -83,6 +95,14 @@ class DINOv2MetaArch(nn.Module):
             self.ibot_center = SoftmaxCenter(cfg.head.ibot_out_dim, cfg.loss.center_momentum).to(device)
         self.dino_loss = DINOLoss(cfg.loss.student_temp)
         self.ibot_loss = IBOTPatchLoss(cfg.loss.student_temp)
+        self.gram_teacher = None
+        if cfg.gram.weight > 0:
+            g = cfg.gram
+            if not g.teacher:
+                raise CheckpointError("gram.weight > 0 needs a Gram teacher: set gram.teacher=RUN_DIR (with "
+                                 "gram.teacher_step=STEP), a checkpoint file or an official-layout file")
+            self.gram_teacher = GramTeacher(self.student.backbone, g.update_every, g.first_update, g.max_updates)
+            self.gram_teacher.load(g.teacher, None if g.teacher_step < 0 else g.teacher_step).to(device)
 
     def train(self, mode: bool = True):
         """Switch the student only: the teacher always stays in eval mode (no drop path)."""
@@ -119,9 +139,11 @@ class DINOv2MetaArch(nn.Module):
                       if len(mask_indices) > 0 else patch_logits.float())
         return dict(dino=dino_probs.view(2, n_images // 2, -1), ibot=ibot_probs)
 
-    def forward_losses(self, batch: dict, teacher_temp: float, autocast=contextlib.nullcontext) -> dict:
+    def forward_losses(self, batch: dict, teacher_temp: float, autocast=contextlib.nullcontext,
+                       gram_weight: float = 0.0, local_dino_weight: float = 1.0) -> dict:
         """All losses of one step. Returns a dict of fp32 scalars: loss (weighted total), dino,
-        ibot, koleo, and detached tensors for the monitors: teacher_probs [2B, K],
+        ibot, koleo, gram (with a Gram teacher; logged also while its weight is 0), and detached
+        tensors for the monitors: teacher_probs [2B, K],
         student_logits [2B, K] (global crops), student_cls [2B, D].
 
         batch: dict from collate_multicrop (global_crops [2B,3,G,G] crop-major, local_crops
@@ -159,15 +181,26 @@ class DINOv2MetaArch(nn.Module):
         cls_logits = cls_logits.float()
         student_global = cls_logits[:n_images].view(2, B, K)
         student_local = cls_logits[n_images:].view(n_local, B, K) if n_local else None
-        dino = self.dino_loss(student_global, student_local, targets["dino"])
+        dino = self.dino_loss(student_global, student_local, targets["dino"], local_weight=local_dino_weight)
         if len(mask_indices) > 0:
             ibot = self.ibot_loss(patch_logits.float(), targets["ibot"], batch["masks_weight"], n_images)
         else:
             ibot = patch_logits.float().sum() * 0.0
         koleo = sum(koleo_loss(crop_cls) for crop_cls in global_cls.float().chunk(2))
         loss = w.dino_weight * dino + w.ibot_weight * ibot + w.koleo_weight * koleo
+        extra = {}
+        if self.gram_teacher is not None:
+            # The student's final-norm patch tokens of the global crops, masked positions included.
+            patch = self.cfg.model.patch_size
+            grid = (global_crops.shape[-2] // patch, global_crops.shape[-1] // patch)
+            with autocast():
+                teacher_patches = self.gram_teacher.patch_features(batch.get("gram_crops", global_crops), grid)
+            gram = gram_loss(outs[0]["x_norm_patchtokens"], teacher_patches, img_level=self.cfg.gram.img_level,
+                             remove_neg=self.cfg.gram.remove_neg)
+            loss = loss + gram_weight * gram
+            extra["gram"] = gram.detach()
         return dict(
-            loss=loss, dino=dino.detach(), ibot=ibot.detach(), koleo=koleo.detach(),
+            loss=loss, dino=dino.detach(), ibot=ibot.detach(), koleo=koleo.detach(), **extra,
             teacher_probs=targets["dino"].flatten(0, 1).detach(),
             student_logits=student_global.flatten(0, 1).detach(),
             student_cls=global_cls.detach().float(),

@@ -88,6 +88,8 @@ class StepValues:
     weight_decay: float
     momentum: float  # teacher EMA momentum
     teacher_temp: float
+    gram_weight: float = 0.0  # weight of the Gram anchoring loss (0: off)
+    local_dino_weight: float = 1.0  # weight of the DINO local-crop pairs
 
 
 def schedule_values(cfg: Config, step: int, total_steps: int, epoch_length: int,
@@ -105,7 +107,21 @@ def schedule_values(cfg: Config, step: int, total_steps: int, epoch_length: int,
         weight_decay=schedules.weight_decay(step, total_steps, o.weight_decay, o.weight_decay_end),
         momentum=schedules.teacher_momentum(step, total_steps, o.momentum_teacher, o.final_momentum_teacher),
         teacher_temp=schedules.teacher_temperature(step, temp_warmup, lo.warmup_teacher_temp, lo.teacher_temp),
+        **gram_values(cfg, step, total_steps, epoch_length),
     )
+
+
+def gram_values(cfg: Config, step: int, total_steps: int, epoch_length: int) -> dict:
+    """The Gram loss weight at `step` and the local-crop DINO weight, which DINOv3 lowers (1 -> 0.5)
+    from the step the Gram loss starts."""
+    g = cfg.gram
+    if g.weight == 0.0:
+        return dict(gram_weight=0.0, local_dino_weight=1.0)
+    start = int(round(g.start_epoch * epoch_length))
+    warmup = int(round(g.warmup_epochs * epoch_length))
+    weight = schedules.gram_weight(step, total_steps, g.weight, start, warmup,
+                                   None if g.final_weight < 0 else g.final_weight)
+    return dict(gram_weight=weight, local_dino_weight=g.local_dino_weight if step >= start else 1.0)
 
 
 def apply_schedule_(optimizer: torch.optim.Optimizer, values: StepValues) -> None:
