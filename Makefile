@@ -50,3 +50,9 @@ test-portable: $(STAMP)
 
 clean:
 	rm -rf _build
+
+# Read the built book in headless Chromium after `make book` (README: "Checking the rendered book").
+# Needs only python3 and Debian's chromium; screenshots go to _build/screenshots.
+.PHONY: book-check-browser
+book-check-browser:
+	$(PYTHON) .ci/book_check_browser.py --html _build/html --screenshots _build/screenshots

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm  # a text bar: in a notebook a widget bar would leave an empty box in the built book
 
 # Pools up to this size are searched exactly (faiss.IndexFlatIP); larger ones with an IVF index.
 # Measured (find_duplicates on make_pool of benchmarks/curation.py, 256-d, k = 64, a busy 2-core

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm  # a text bar: in a notebook a widget bar would leave an empty box in the built book
 
 from dinolite.models import check_image_size
 from dinolite.schedules import cosine_schedule

@@ -1,13 +1,153 @@
-"""Look inside a backbone: PCA of patch features, [CLS] attention, high-norm tokens, plot grids.
+"""Look inside a backbone: PCA of patch features, [CLS] attention, high-norm tokens, plot grids;
+and the book's figure style.
 
 Computation functions return tensors; plot helpers (matplotlib only) return the Figure, so
-notebooks can show or save them.
+notebooks can show or save them. Every figure of the book follows one style (use_book_style):
+at most PAGE_WIDTH inches wide, no text smaller than MIN_FONT_SIZE points, a colour bar where
+colour encodes a value, constrained layout so titles never overlap. check_figure lists the
+places where a figure breaks these rules.
 """
+import functools
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# The book's figure style
+# ---------------------------------------------------------------------------------------------
+# The book's content column is about 750 px wide and an image is scaled to fit it, so a figure
+# PAGE_WIDTH inches wide shows text of s points at about s * 750 / (72 * PAGE_WIDTH) ~ s px.
+# 11 px is the smallest text that reads comfortably; a wider figure would shrink it further.
+PAGE_WIDTH = 10.0
+MIN_FONT_SIZE = 11.0
+
+BOOK_STYLE = {
+    "figure.figsize": (PAGE_WIDTH, 3.5),
+    "figure.dpi": 100,
+    "figure.constrained_layout.use": True,  # titles, labels and colour bars never overlap
+    "font.size": 12,
+    "axes.titlesize": 12,
+    "axes.labelsize": 12,
+    "xtick.labelsize": 11,
+    "ytick.labelsize": 11,
+    "legend.fontsize": 11,
+    "legend.title_fontsize": 11,
+    "figure.titlesize": 13,
+    "image.cmap": "viridis",
+}
+
+
+def use_book_style() -> None:
+    """Apply BOOK_STYLE to matplotlib (every chapter calls it once, in its first cells)."""
+    import matplotlib as mpl
+
+    mpl.rcParams.update(BOOK_STYLE)
+
+
+def _in_book_style(plot):
+    """Run a plot helper under BOOK_STYLE, whatever style the caller has set (fonts are fixed when drawn)."""
+
+    @functools.wraps(plot)
+    def styled(*args, **kwargs):
+        import matplotlib as mpl
+
+        with mpl.rc_context(BOOK_STYLE):
+            return plot(*args, **kwargs)
+
+    return styled
+
+
+def colorbar(mappable, ax, label: str):
+    """A labelled colour bar beside ax (or a list of axes) for an image/scatter whose colour encodes a value."""
+    return ax_figure(ax).colorbar(mappable, ax=ax, label=label, shrink=0.9)
+
+
+def ax_figure(ax):
+    """The figure that holds ax (or the first of a sequence / array of axes)."""
+    first = ax if hasattr(ax, "figure") else np.asarray(ax, dtype=object).flat[0]
+    return first.figure
+
+
+def _is_categorical(image) -> bool:
+    """Masks and label maps encode classes, not values: a qualitative colour map (tab10, tab20, ...)
+    or a short list of colours (ListedColormap with at most 20 entries, explained by a legend)."""
+    import matplotlib.colors
+
+    cmap = image.get_cmap()
+    qualitative = cmap.name.startswith(("tab", "Set", "Pastel", "Paired", "Accent", "Dark2"))
+    return qualitative or (isinstance(cmap, matplotlib.colors.ListedColormap) and cmap.N <= 20)
+
+
+def check_figure(fig) -> list[str]:
+    """Where fig breaks the book style -> a list of one-line problems (empty: the figure is fine).
+
+    Checks: width <= PAGE_WIDTH; every visible text >= MIN_FONT_SIZE; no title or label overlaps
+    another axes or another text; every scalar image (2-D data through a colour map that is
+    not a qualitative one) has a colour bar in the figure.
+    """
+    problems = []
+    width = fig.get_figwidth()
+    if width > PAGE_WIDTH + 1e-6:
+        problems.append(f"figure is {width:.1f} in wide, more than PAGE_WIDTH = {PAGE_WIDTH} in")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for t in _drawn_texts(fig):
+        if t.get_fontsize() < MIN_FONT_SIZE - 1e-6:
+            problems.append(f"text {t.get_text()[:30]!r} is {t.get_fontsize():g} pt, below MIN_FONT_SIZE = {MIN_FONT_SIZE:g}")
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    labels = []  # titles and axis labels: they must not run into other axes or each other
+    for ax in axes:
+        for t in (ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label):
+            if t.get_visible() and t.get_text().strip():
+                labels.append((ax, t, t.get_window_extent(renderer)))
+    if fig._suptitle is not None and fig._suptitle.get_text().strip():
+        labels.append((None, fig._suptitle, fig._suptitle.get_window_extent(renderer)))
+    for owner, t, box in labels:
+        for ax in axes:
+            if ax is not owner and _overlap(box, ax.get_window_extent(renderer)):
+                problems.append(f"{t.get_text()[:30]!r} overlaps another axes")
+                break
+    for i, (_, t1, b1) in enumerate(labels):
+        for _, t2, b2 in labels[i + 1:]:
+            if _overlap(b1, b2):
+                problems.append(f"{t1.get_text()[:30]!r} overlaps {t2.get_text()[:30]!r}")
+    # a colour bar covers every image drawn with its colour map and limits (one bar for a shared scale)
+    scales = {_scale(ax._colorbar.mappable) for ax in axes if hasattr(ax, "_colorbar")}
+    for ax in axes:
+        for image in ax.get_images():
+            scalar = np.ndim(image.get_array()) == 2 and not _is_categorical(image)
+            if scalar and _scale(image) not in scales:
+                problems.append(f"an image in axes {ax.get_title()[:30]!r} encodes values by colour but has no colour bar")
+    return problems
+
+
+def _scale(mappable) -> tuple:
+    return mappable.get_cmap().name, float(mappable.norm.vmin), float(mappable.norm.vmax)
+
+
+def _drawn_texts(fig) -> list:
+    """Every non-empty text matplotlib draws: titles, tick and axis labels, annotations, legends."""
+    texts = list(fig.texts) + [t for legend in fig.legends for t in legend.get_texts()]
+    if fig._suptitle is not None:
+        texts.append(fig._suptitle)
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        texts += [ax.title, ax._left_title, ax._right_title, *ax.texts]
+        if ax.get_legend() is not None:
+            texts += ax.get_legend().get_texts()
+        if ax.axison:
+            for axis in (ax.xaxis, ax.yaxis):
+                texts += [axis.label, axis.get_offset_text(), *axis.get_ticklabels()]
+    return [t for t in texts if t.get_visible() and t.get_text().strip()]
+
+
+def _overlap(a, b, tolerance: float = 1.0) -> bool:
+    """Window-coordinate boxes overlap by more than tolerance pixels in both directions."""
+    return min(a.x1, b.x1) - max(a.x0, b.x0) > tolerance and min(a.y1, b.y1) - max(a.y0, b.y0) > tolerance
+
 
 # ---------------------------------------------------------------------------------------------
 # PCA of patch tokens (the DINOv2 visualisation)
@@ -202,76 +342,90 @@ def to_display(image) -> np.ndarray:
     return np.clip(array, 0, 1)
 
 
-def _grid(n: int, ncols: int | None, size: float = 2.0, titles: bool = True):
+def _figure(nrows: int, ncols: int, panel: float, extra_height: float = 0.4, width_extra: float = 0.0):
+    """Figure with nrows x ncols panels of panel inches, shrunk to fit PAGE_WIDTH; constrained layout."""
     import matplotlib.pyplot as plt
 
+    panel = min(panel, (PAGE_WIDTH - width_extra) / ncols)
+    figsize = (panel * ncols + width_extra, panel * nrows + extra_height * nrows)
+    return plt.subplots(nrows, ncols, figsize=figsize, squeeze=False, layout="constrained")
+
+
+def _grid(n: int, ncols: int | None, size: float = 2.0, titles: bool = True):
     ncols = min(n, ncols or 6)
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.3 if titles else 0)), squeeze=False)
+    fig, axes = _figure(nrows, ncols, size, 0.4 if titles else 0.05)
     for ax in axes.flat:
         ax.axis("off")
     return fig, axes.flat
 
 
+@_in_book_style
 def plot_image_grid(images, titles=None, masks=None, ncols: int | None = None, mask_alpha: float = 0.5, size: float = 2.0):
-    """Images (and optional class masks [H, W] drawn on top) in a grid -> Figure."""
-    fig, axes = _grid(len(images), ncols, size)
+    """Images (and optional class masks [H, W] drawn on top, class 0 left clear) in a grid -> Figure."""
+    fig, axes = _grid(len(images), ncols, size, titles is not None)
     for i, (ax, image) in enumerate(zip(axes, images)):
         ax.imshow(to_display(image))
         if masks is not None:
             mask = np.asarray(torch.as_tensor(masks[i]).cpu(), dtype=float)
             ax.imshow(np.ma.masked_where(mask == 0, mask), cmap="tab20", alpha=mask_alpha, vmin=0, vmax=20, interpolation="nearest")
         if titles is not None:
-            ax.set_title(str(titles[i]), fontsize=8)
-    fig.tight_layout()
+            ax.set_title(str(titles[i]))
     return fig
 
 
-def plot_pca(images, rgb, ncols: int | None = None, size: float = 2.0):
+@_in_book_style
+def plot_pca(images, rgb, ncols: int | None = None, size: float = 2.0, titles=None):
     """Each image above its PCA colour map (rgb from pca_rgb, shown at the image size) -> Figure."""
-    import matplotlib.pyplot as plt
-
     n = len(images)
-    fig, axes = plt.subplots(2, n, figsize=(size * n, 2 * size), squeeze=False)
+    fig, axes = _figure(2, n, size, 0.4 if titles is not None else 0.05)
     for i in range(n):
         picture = to_display(images[i])
         colours = torch.as_tensor(rgb[i]).float().permute(2, 0, 1)
         colours = upsample_maps(colours, picture.shape[:2], mode="nearest").permute(1, 2, 0).numpy()
         axes[0, i].imshow(picture)
         axes[1, i].imshow(colours)
+        if titles is not None:
+            axes[0, i].set_title(str(titles[i]))
         for ax in axes[:, i]:
             ax.axis("off")
-    fig.tight_layout()
     return fig
 
 
-def plot_attention_maps(image, maps: torch.Tensor, size: float = 2.0, alpha: float = 0.6):
-    """One image and its per-head [CLS] attention maps [heads, h, w], upsampled over it -> Figure."""
-    import matplotlib.pyplot as plt
+@_in_book_style
+def plot_attention_maps(image, maps: torch.Tensor, size: float = 2.0, alpha: float = 0.6, title: str | None = None):
+    """One image and its per-head [CLS] attention maps [heads, h, w], upsampled over it -> Figure.
 
+    All heads share one colour scale (0 to the largest weight), shown by a colour bar.
+    """
     picture = to_display(image)
     heads = maps.shape[0]
-    fig, axes = plt.subplots(1, heads + 1, figsize=(size * (heads + 1), size + 0.3), squeeze=False)
+    fig, axes = _figure(1, heads + 1, size, 0.4, width_extra=0.9)
     axes = axes[0]
     axes[0].imshow(picture)
-    axes[0].set_title("image", fontsize=8)
+    axes[0].set_title("image")
     upsampled = upsample_maps(maps, picture.shape[:2])
+    top = float(upsampled.max())
     for head in range(heads):
         ax = axes[head + 1]
         ax.imshow(picture)
-        ax.imshow(upsampled[head].numpy(), cmap="inferno", alpha=alpha)
-        ax.set_title(f"head {head}", fontsize=8)
+        shown = ax.imshow(upsampled[head].numpy(), cmap="inferno", alpha=alpha, vmin=0, vmax=top)
+        ax.set_title(f"head {head}")
     for ax in axes:
         ax.axis("off")
-    fig.tight_layout()
+    fig.colorbar(shown, ax=list(axes), label="attention", shrink=0.9)
+    if title is not None:
+        fig.suptitle(title)
     return fig
 
 
+@_in_book_style
 def plot_norm_histograms(norms: dict, factor: float = 2.0, bins: int = 50, size: float = 3.0):
     """Histogram of token norms per model ({"name": norms}), with the factor x median threshold -> Figure."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(norms), figsize=(size * 1.4 * len(norms), size), squeeze=False)
+    width = min(size * 1.4 * len(norms), PAGE_WIDTH)
+    fig, axes = plt.subplots(1, len(norms), figsize=(width, size), squeeze=False, layout="constrained")
     for ax, (name, values) in zip(axes[0], norms.items()):
         values = torch.as_tensor(values).float().flatten()
         threshold = high_norm_threshold(values, factor)
@@ -280,12 +434,12 @@ def plot_norm_histograms(norms: dict, factor: float = 2.0, bins: int = 50, size:
         ax.axvline(threshold, color="tab:red", linestyle="--", label=f"{factor:g} x median")
         ax.set_yscale("log")
         ax.set_xlabel("patch token norm")
-        ax.set_title(f"{name}: {outliers}/{values.numel()} high-norm", fontsize=9)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+        ax.set_title(f"{name}: {outliers}/{values.numel()} high-norm")
+        ax.legend()
     return fig
 
 
+@_in_book_style
 def plot_retrieval(query_images, database_images, indices, scores=None, query_labels=None, database_labels=None, size: float = 1.6):
     """One row per query: the query, then its neighbours (indices [Q, k] into database_images) -> Figure.
 
@@ -293,20 +447,18 @@ def plot_retrieval(query_images, database_images, indices, scores=None, query_la
 
     With labels, neighbours of the query's class get a green frame, others red.
     """
-    import matplotlib.pyplot as plt
-
     indices = torch.as_tensor(indices)
     Q, k = indices.shape
-    fig, axes = plt.subplots(Q, k + 1, figsize=(size * (k + 1), size * Q + 0.3), squeeze=False)
+    fig, axes = _figure(Q, k + 1, size, 0.4)
     for q in range(Q):
         axes[q, 0].imshow(to_display(query_images[q]))
-        axes[q, 0].set_title("query", fontsize=8)
+        axes[q, 0].set_title("query")
         for j in range(k):
             ax = axes[q, j + 1]
             index = int(indices[q, j])
             ax.imshow(to_display(database_images[index]))
             if scores is not None:
-                ax.set_title(f"{float(scores[q, j]):.2f}", fontsize=8)
+                ax.set_title(f"{float(scores[q, j]):.2f}")
             if query_labels is not None and database_labels is not None:
                 colour = "tab:green" if int(database_labels[index]) == int(query_labels[q]) else "tab:red"
                 for spine in ax.spines.values():
@@ -315,5 +467,4 @@ def plot_retrieval(query_images, database_images, indices, scores=None, query_la
         for ax in axes[q]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.tight_layout()
     return fig

@@ -9,6 +9,9 @@ import torch  # noqa: E402
 
 from dinolite.models import vit_tiny  # noqa: E402
 from dinolite.viz import (  # noqa: E402
+    MIN_FONT_SIZE,
+    PAGE_WIDTH,
+    check_figure,
     cls_attention_maps,
     high_norm_tokens,
     patch_token_norms,
@@ -21,6 +24,7 @@ from dinolite.viz import (  # noqa: E402
     plot_pca,
     plot_retrieval,
     upsample_maps,
+    use_book_style,
 )
 
 
@@ -133,7 +137,7 @@ def test_plot_helpers_return_figures():
     fig2 = plot_pca(images, pca_rgb(tokens))
     assert len(fig2.axes) == 8
     fig3 = plot_attention_maps(images[0], torch.rand(3, 4, 4))
-    assert len(fig3.axes) == 4
+    assert len(fig3.axes) == 5  # image, 3 heads, one colour bar for the shared scale
     fig4 = plot_norm_histograms({"a": torch.rand(100), "b": torch.rand(100) + 1})
     assert len(fig4.axes) == 2 and "high-norm" in fig4.axes[0].get_title()
     dataset = [(image, label) for image, label in zip(images, [0, 0, 1, 1])]  # items of a labelled dataset
@@ -141,4 +145,37 @@ def test_plot_helpers_return_figures():
                           query_labels=[0, 1], database_labels=[0, 0, 1, 1])
     assert len(fig5.axes) == 8
     for f in (fig, fig2, fig3, fig4, fig5):
+        assert check_figure(f) == [], check_figure(f)  # every helper follows the book style
         plt.close(f)
+    wide = plot_pca([images[0]] * 8, pca_rgb(planted_scene(n=8, h=4, w=4)[0]))  # 8 x 2 in asked: shrunk to the page
+    assert wide.get_figwidth() <= PAGE_WIDTH and check_figure(wide) == []
+    plt.close(wide)
+
+
+def test_check_figure_finds_each_style_problem():
+    use_book_style()
+    fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 3))
+    image = axes[0].imshow(np.random.rand(4, 4))
+    fig.colorbar(image, ax=axes[0], label="value")
+    axes[1].plot([0, 1], [0, 1])
+    axes[1].set_title("fine")
+    assert check_figure(fig) == []
+
+    axes[1].set_title("tiny", fontsize=MIN_FONT_SIZE - 3)
+    assert any("'tiny' is 8 pt" in p for p in check_figure(fig))
+    axes[1].set_title("fine")
+    axes[1].imshow(np.random.rand(4, 4), cmap="magma")  # a second colour scale without a bar
+    assert any("no colour bar" in p for p in check_figure(fig))
+    plt.close(fig)
+
+    fig, axes = plt.subplots(2, 1, figsize=(PAGE_WIDTH + 2, 3), layout="none")  # no constrained layout
+    fig.subplots_adjust(hspace=0)
+    axes[1].set_title("a title pushed into the axes above")
+    problems = check_figure(fig)
+    assert any("overlaps another axes" in p for p in problems) and any("wide" in p for p in problems)
+    plt.close(fig)
+
+    fig, ax = plt.subplots()  # masks drawn with a qualitative colour map need no colour bar
+    ax.imshow(np.random.randint(0, 3, (4, 4)), cmap="tab20", interpolation="nearest")
+    assert check_figure(fig) == []
+    plt.close(fig)
