@@ -83,3 +83,20 @@ def test_dense_probe_separates_the_trained_teacher_from_random_init_and_the_base
                                    yt, 2)["miou"]
     scores["majority"] = majority_baseline(y, yt, 2)["miou"]
     assert scores["late"] > max(scores["initial"], scores["pixels"], scores["majority"]) + 2, scores
+
+
+def test_training_state_hash_and_strict_load():
+    """The late checkpoint without optimiser state, which chapter 9 continues training from."""
+    from dinolite.train import DINOv2MetaArch
+
+    entry = REFERENCE["training_state"]
+    data = (WEIGHTS / entry["file"]).read_bytes()
+    assert len(data) == entry["bytes"] <= 5 * 1024 * 1024 and entry["step"] == REFERENCE["total_steps"]
+    assert hashlib.sha256(data).hexdigest() == entry["sha256"], f"{entry['file']} differs from reference.json"
+    state = torch.load(WEIGHTS / entry["file"], map_location="cpu", weights_only=False)
+    assert "optimizer" not in state and state["step"] == entry["step"]
+    arch = DINOv2MetaArch(config_from_dict(REFERENCE["config"]))
+    arch.student.load_state_dict(state["student"], strict=True)
+    arch.teacher.load_state_dict(state["teacher"], strict=True)
+    late = torch.load(WEIGHTS / REFERENCE["weights"]["late"]["file"], weights_only=True)
+    assert all(torch.equal(v, late[k]) for k, v in arch.teacher.backbone.state_dict().items())
