@@ -414,7 +414,7 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
     )
     bar = None
     if progress and is_main:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # a text bar: tqdm.auto draws a widget, an empty box in the built book
         bar = tqdm(total=end_step, initial=start_step, desc="training", dynamic_ncols=True)
 
     step, tic = start_step, time.perf_counter()
