@@ -137,13 +137,19 @@ def training_state(arch: DINOv2MetaArch, optimizer, step: int, cfg: Config) -> d
     }
 
 
-def restore_training_state(state: dict, arch: DINOv2MetaArch, optimizer) -> int:
-    """Load `state` (strictly) into arch and optimizer; returns the number of completed steps."""
+def _load_student_teacher_optimizer(state: dict, arch: DINOv2MetaArch, optimizer) -> None:
+    """Student, teacher, centring state and (when the checkpoint has it) optimiser state, strictly."""
     arch.student.load_state_dict(state["student"], strict=True)
     arch.teacher.load_state_dict(state["teacher"], strict=True)
     for name, center_state in state["centers"].items():
         getattr(arch, name).load_state_dict(center_state, strict=True)
-    optimizer.load_state_dict(state["optimizer"])
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+
+
+def restore_training_state(state: dict, arch: DINOv2MetaArch, optimizer) -> int:
+    """Load `state` (strictly) into arch and optimizer; returns the number of completed steps."""
+    _load_student_teacher_optimizer(state, arch, optimizer)
     if arch.gram_teacher is not None:
         arch.gram_teacher.load_state_dict(state["gram_teacher"], strict=True)
     return int(state["step"])
@@ -156,15 +162,9 @@ def continue_training_state(state: dict, arch: DINOv2MetaArch, optimizer, source
     state (a smaller file: dinolite.train.checkpoint.weights_only_state) starts AdamW afresh. Returns the
     step to start at."""
     try:
-        arch.student.load_state_dict(state["student"], strict=True)
-        arch.teacher.load_state_dict(state["teacher"], strict=True)
-        for name in ("dino_center", "ibot_center"):
-            if hasattr(arch, name) != (name in state["centers"]):
-                raise ValueError("loss.centering differs")
-            if hasattr(arch, name):
-                getattr(arch, name).load_state_dict(state["centers"][name], strict=True)
-        if "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
+        if any(hasattr(arch, name) != (name in state["centers"]) for name in ("dino_center", "ibot_center")):
+            raise ValueError("loss.centering differs")
+        _load_student_teacher_optimizer(state, arch, optimizer)
     except (KeyError, RuntimeError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{source} does not fit this config ({first_line}): continue with the same "
