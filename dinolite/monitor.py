@@ -277,3 +277,40 @@ class CollapseMonitor:
             self.last_warning = f"step {step}: " + finding
             return self.last_warning
         return None
+
+
+FALLING_QUALITY_CAUSES = (
+    "usual causes: a learning rate too high for the depth (lower optim.base_lr), a teacher too soft "
+    "(lower loss.teacher_temp), or too few steps for the warm-ups (optim.warmup_epochs and "
+    "loss.warmup_teacher_temp_epochs against train.epochs)")
+
+
+class BelowStartWarning:
+    """Says when a measure that training should raise (the teacher's kNN accuracy, the effective rank of
+    the features) has stayed below its first value for `patience` evaluations in a row, once per run.
+
+    The first value passed to `update` is the reference: the network at initialisation for kNN (the
+    loop evaluates step 0), the first monitor step for the rank. Teacher entropy is not watched this
+    way: falling from uniform is what it should do.
+    """
+
+    def __init__(self, name: str, patience: int = 2):
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        self.name, self.patience = name, patience
+        self.start = None  # the reference value
+        self.below = 0  # evaluations in a row below it
+        self.warned = False
+
+    def update(self, value: float, step: int) -> str | None:
+        """Record `value` at `step`; returns the warning the first time the streak reaches `patience`."""
+        if self.start is None:
+            self.start = float(value)
+            return None
+        self.below = self.below + 1 if value < self.start else 0
+        if self.below < self.patience or self.warned:
+            return None
+        self.warned = True
+        return (f"step {step}: {self.name} is {value:.4g}, below its first value {self.start:.4g} for "
+                f"{self.below} evaluations in a row: the network is getting worse than where it started; "
+                + FALLING_QUALITY_CAUSES)

@@ -144,3 +144,16 @@ def test_collapse_monitor_patience():
     assert monitor.update(loss=math.log(K), teacher_probs=uniform) is None
     with pytest.raises(ValueError, match="prototypes"):
         monitor.update(teacher_probs=torch.full((B, 8), 1 / 8))
+
+
+def test_below_start_warning_after_two_evaluations_in_a_row_once():
+    from dinolite.monitor import BelowStartWarning
+
+    watch = BelowStartWarning("kNN", patience=2)
+    said = [watch.update(value, step) for step, value in enumerate([50.0, 49.0, 51.0, 48.0, 47.0, 46.0, 45.0])]
+    # 50 is the reference; 49 is one below, 51 resets, 48 and 47 make two in a row: one warning, at step 4.
+    assert [i for i, message in enumerate(said) if message] == [4]
+    assert "is 47, below its first value 50" in said[4] and "optim.base_lr" in said[4]
+    assert "loss.teacher_temp" in said[4]
+    with pytest.raises(ValueError, match="patience"):
+        BelowStartWarning("kNN", patience=0)

@@ -372,3 +372,13 @@ def test_step_batches_are_a_function_of_the_step():
     assert a.indices(6) != a.indices(0)  # a new permutation in the next epoch
     two_ranks = [StepBatches(data, cfg, 10, rank=r, world_size=2).indices(0) for r in (0, 1)]
     assert not set(two_ranks[0]) & set(two_ranks[1])
+
+
+def test_training_warns_when_knn_falls_below_its_value_at_initialisation(tmp_path, monkeypatch):
+    import dinolite.train.loop as loop
+
+    scores = iter([40.0, 42.0, 35.0, 30.0, 29.0, 28.0, 27.0])  # step 0 (init), then every step
+    monkeypatch.setattr(loop, "knn_accuracy", lambda *args, **kwargs: next(scores))
+    cfg = micro_config("train.knn_every=1", "train.monitor_every=0")
+    with pytest.warns(UserWarning, match=r"step 3: the teacher's kNN top-1 \(%\) is 30, below its first value 40"):
+        train(cfg, DATA_SPEC, knn_data=("stub", "stub"))

@@ -19,7 +19,7 @@ import torch
 
 from dinolite import distributed
 from dinolite.ema import ema_update_
-from dinolite.monitor import CollapseMonitor, check_teacher
+from dinolite.monitor import BelowStartWarning, CollapseMonitor, check_teacher
 from dinolite.train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -170,6 +170,15 @@ def continue_training_state(state: dict, arch: DINOv2MetaArch, optimizer, source
         raise CheckpointError(f"{source} does not fit this config ({first_line}): continue with the same "
                               "model, head and centering settings as that run") from None
     return int(state["step"])
+
+
+def _first_logged(output_dir: str | None, key: str) -> float | None:
+    """The first value of `key` in output_dir/metrics.jsonl (None if there is none)."""
+    path = os.path.join(output_dir or "", "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return next((record[key] for record in map(json.loads, f) if key in record), None)
 
 
 def _check_resume_config(output_dir: str, cfg: Config) -> None:
@@ -399,10 +408,19 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
                               student_temp=cfg.loss.student_temp)
     autocast = make_autocast(device, t.precision)
 
+    # Early warnings: kNN (from its value at initialisation) or the features' effective rank falling.
+    knn_watch = BelowStartWarning("the teacher's kNN top-1 (%)")
+    rank_watch = BelowStartWarning("the effective rank of the student's [CLS] features")
+    if start_step > 0:
+        knn_watch.start = _first_logged(output_dir, "knn_top1")  # None: this resumed run takes its first as reference
+
     def evaluate_knn(step):
         if knn_data is not None and is_main:
             top1 = knn_accuracy(arch.teacher.backbone, knn_data, k=t.knn_k)
             logger.log({"step": step, "knn_top1": top1})
+            message = knn_watch.update(top1, step)
+            if message:
+                warnings.warn(message, stacklevel=3)
             return top1
 
     if start_step == 0 and t.knn_every and start_step < end_step:
@@ -450,8 +468,9 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
                                          step=done)
                 metrics = {k: v for k, v in monitor.history[-1].items() if k not in ("step", "loss")}
                 logger.log({"step": done, **{f"monitor/{k}": v for k, v in metrics.items()}})
-                if message and is_main:
-                    warnings.warn(message, stacklevel=3)
+                for message in (message, rank_watch.update(metrics["effective_rank"], done)):
+                    if message and is_main:
+                        warnings.warn(message, stacklevel=3)
             if t.knn_every and done % t.knn_every == 0 and done != end_step:
                 evaluate_knn(done)
             if output_dir and is_main and (done % t.checkpoint_every == 0 or done == end_step):
