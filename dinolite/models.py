@@ -420,8 +420,6 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"ffn must be 'mlp', 'swiglu' or 'swiglu64', got {ffn!r}")
         if pos_embed not in ("learned", "rope"):
             raise ValueError(f"pos_embed must be 'learned' or 'rope', got {pos_embed!r}")
-        if drop_path_mode not in ("subset", "mask"):
-            raise ValueError(f"drop_path_mode must be 'subset' or 'mask', got {drop_path_mode!r}")
         if norm_eps is None:
             norm_eps = 1e-5 if pos_embed == "rope" else 1e-6
         if pos_embed == "learned":
