@@ -120,7 +120,7 @@ class TrainConfig:
     epochs: int = 100
     epoch_length: int = 1250  # steps per "epoch" (DINOv2 uses a fixed 1250); 0: len(dataset) // batch
     seed: int = 0
-    precision: str = "bf16"  # "bf16" (autocast, losses in fp32) or "fp32"
+    precision: str = "bf16"  # "bf16" (autocast, losses in fp32), "fp32", or "auto" (dinolite.train.precision)
     device: str = "auto"  # "auto": cuda when available, else cpu
     num_workers: int = 8
     threads: int = 0  # compute threads of the training process; 0: auto, the cores the data workers leave
@@ -528,7 +528,8 @@ def validate(cfg: Config) -> None:
     check(g.teacher_scale >= 1.0 and gram_size == int(gram_size) and int(gram_size) % m.patch_size == 0,
           "gram.teacher_scale", f"must be >= 1 and give a Gram crop size (teacher_scale x crops.global_size = "
           f"{gram_size:g}) that is a multiple of model.patch_size={m.patch_size}")
-    check(t.precision in ("bf16", "fp32"), "train.precision", f"must be 'bf16' or 'fp32', got {t.precision!r}")
+    check(t.precision in ("auto", "bf16", "fp32"), "train.precision",
+          f"must be 'auto', 'bf16' or 'fp32', got {t.precision!r}")
     check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device",
           f"must be 'auto', 'cpu' or 'cuda[:i]', got {t.device!r}")
     check(t.batch_size >= 2, "train.batch_size", "must be >= 2 (KoLeo needs a neighbour)")

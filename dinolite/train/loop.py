@@ -32,6 +32,7 @@ from dinolite.train.config import Config, config_diff, config_from_dict, config_
 from dinolite.train.data import _MODEL, StepBatches, derive_seed, move_batch
 from dinolite.train.meta_arch import DINOv2MetaArch
 from dinolite.train.optim import StepValues, apply_schedule_, build_optimizer, schedule_values
+from dinolite.train.precision import describe_precision, resolve_precision
 
 # Run-control keys that may change when resuming: they do not change what is computed.
 RESUMABLE_KEYS = {
@@ -82,7 +83,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_autocast(device: torch.device, precision: str):
-    """A no-argument context factory: bf16 autocast on CPU or CUDA, or nothing for fp32."""
+    """A no-argument context factory: bf16 autocast on CPU or CUDA, or nothing for fp32 ("auto": see
+    dinolite.train.precision.resolve_precision)."""
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext
     return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
@@ -406,7 +409,9 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
     monitor = CollapseMonitor(num_prototypes=cfg.head.dino_out_dim, patience=3,
                               warmup_steps=int(cfg.loss.warmup_teacher_temp_epochs * epoch_length),
                               student_temp=cfg.loss.student_temp)
-    autocast = make_autocast(device, t.precision)
+    if t.precision == "auto" and is_main:
+        print(describe_precision(t.precision, device, cfg.model.embed_dim))
+    autocast = make_autocast(device, resolve_precision(t.precision, device, cfg.model.embed_dim))
 
     # Early warnings: kNN (from its value at initialisation) or the features' effective rank falling.
     knn_watch = BelowStartWarning("the teacher's kNN top-1 (%)")
