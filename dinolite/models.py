@@ -284,11 +284,13 @@ class Attention(nn.Module):
 
     def forward_list(self, xs: Tensor, shapes: list[tuple[int, int]], ropes: list, num_prefix: int) -> Tensor:
         """xs [sum_i B_i*T_i, D]: tokens of several crop groups concatenated; attention within each group."""
-        qkv = self.qkv_projection(xs)
-        # no split for a single group: split's backward would copy the whole qkv gradient
-        chunks = [qkv] if len(shapes) == 1 else qkv.split([b * t for b, t in shapes])
-        outs = [self.attend(c, b, rope, num_prefix) for c, (b, _), rope in zip(chunks, shapes, ropes)]
-        return self.proj(outs[0] if len(outs) == 1 else torch.cat(outs))
+        if len(shapes) == 1:
+            return self.proj(self.attend(self.qkv_projection(xs), shapes[0][0], ropes[0], num_prefix))
+        # Several groups: split the inputs (views), not the qkv output, so that the backward joins the
+        # D-wide input gradients of the groups rather than the 3D-wide qkv gradients (a third of the copy).
+        chunks = xs.split([b * t for b, t in shapes])
+        outs = [self.attend(self.qkv_projection(c), b, rope, num_prefix) for c, (b, _), rope in zip(chunks, shapes, ropes)]
+        return self.proj(torch.cat(outs))
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, num_prefix: int = 1) -> Tensor:
         """x [B, T, D] -> [B, T, D]."""
@@ -546,13 +548,17 @@ class VisionTransformer(nn.Module):
         }
 
     # -- public API
-    def forward_features_list(self, xs: list[Tensor], masks_list: list[Tensor | None] | None = None) -> list[dict]:
+    def forward_features_list(self, xs: list[Tensor], masks_list: list[Tensor | None] | None = None,
+                              pack: bool = True) -> list[dict]:
         """Several crop sizes through the backbone together: one call per token-wise layer per block.
 
         xs: list of [B_i, 3, H_i, W_i]; masks_list: list of bool [B_i, N_i] or None.
         Inputs of equal size are batched into one attention call. Returns one forward_features dict per input.
         With untie_global_and_local_cls_norm, entries after the first are treated as local crops in training
         (their CLS/storage tokens use local_cls_norm), as in DINOv3 where the call is [globals, locals].
+        pack=False: each crop size runs through the blocks on its own (the same features; random drop path and
+        RoPE augmentations are drawn in another order). On a CPU that is faster: the matrix products are
+        as efficient on either, and packing adds copies (joining and splitting the groups in every block).
         """
         if masks_list is None:
             masks_list = [None] * len(xs)
@@ -571,9 +577,16 @@ class VisionTransformer(nn.Module):
                 masks = torch.cat([self._mask_or_empty(xs[i], masks_list[i]) for i in members])
             tokens.append(self.prepare_tokens(images, masks))
             grids.append((size[0] // self.patch_size, size[1] // self.patch_size))
-        x, shapes, _ = self._run_blocks(tokens, grids)
+        if pack:
+            x, shapes, _ = self._run_blocks(tokens, grids)
+            group_outputs = self._split(x, shapes)
+        else:
+            group_outputs = []
+            for group_tokens, grid in zip(tokens, grids):
+                x, shapes, _ = self._run_blocks([group_tokens], [grid])
+                group_outputs.append(x.view(*shapes[0], -1))
         outputs: list[dict | None] = [None] * len(xs)
-        for group_x, members in zip(self._split(x, shapes), groups.values()):
+        for group_x, members in zip(group_outputs, groups.values()):
             for i, part in zip(members, group_x.split([xs[i].shape[0] for i in members])):
                 outputs[i] = self._output_dict(part, masks_list[i], local=i > 0)
         return outputs

@@ -321,12 +321,13 @@ def test_rope_model_rotates_patch_tokens_only():
     dict(num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True, ffn="swiglu"),
     dict(pos_embed="rope", num_register_tokens=4, ffn="swiglu64", mask_k_bias=True, rope_rescale_coords=2.0),
 ])
-def test_forward_features_list_equals_separate_calls(kwargs):
+@pytest.mark.parametrize("pack", [True, False])
+def test_forward_features_list_equals_separate_calls(kwargs, pack):
     model = tiny(**kwargs)
     torch.manual_seed(1)
     globals_, locals_, more_globals = torch.randn(2, 3, 56, 56), torch.randn(3, 3, 28, 28), torch.randn(1, 3, 56, 56)
     masks = torch.rand(2, 16) < 0.4
-    outs = model.forward_features_list([globals_, locals_, more_globals], [masks, None, None])
+    outs = model.forward_features_list([globals_, locals_, more_globals], [masks, None, None], pack=pack)
     refs = [model.forward_features(globals_, masks), model.forward_features(locals_),
             model.forward_features(more_globals)]
     for out, ref in zip(outs, refs):

@@ -2,7 +2,7 @@
 
     teacher (EMA copy, no gradients, eval mode)          student (trained by AdamW)
     global crops [2B,3,G,G], unmasked                     global crops, masked  +  local crops
-          |                                                      | one backbone pass (forward_features_list)
+          |                                                      | forward_features_list: one pass (GPU) or one per crop size (CPU)
     CLS [2B,D] -> DINO head -> SK / centre -> P_t         CLS [2B,D], [n_l*B,D] -> DINO head -> z_s
     masked patches [M,D] -> iBOT head -> SK -> P_t        masked patches [M,D] -> iBOT head -> z_s
 
@@ -93,6 +93,9 @@ class DINOv2MetaArch(nn.Module):
         if self.centering == "softmax_center":
             self.dino_center = SoftmaxCenter(cfg.head.dino_out_dim, cfg.loss.center_momentum).to(device)
             self.ibot_center = SoftmaxCenter(cfg.head.ibot_out_dim, cfg.loss.center_momentum).to(device)
+        # Multi-crop packing (one pass over the blocks for every crop size) on GPUs; on CPUs each crop size
+        # makes its own pass, which we measured 2-4% faster there (see VisionTransformer.forward_features_list).
+        self.pack_crops: bool | None = None  # None: by device; True/False to force
         self.dino_loss = DINOLoss(cfg.loss.student_temp)
         self.ibot_loss = IBOTPatchLoss(cfg.loss.student_temp)
         self.gram_teacher = None
@@ -161,8 +164,9 @@ class DINOv2MetaArch(nn.Module):
         targets = self.teacher_targets(batch, teacher_temp, autocast)
 
         with autocast():
+            pack = self.pack_crops if self.pack_crops is not None else global_crops.device.type != "cpu"
             if n_local:
-                outs = self.student.backbone.forward_features_list([global_crops, local_crops], [masks, None])
+                outs = self.student.backbone.forward_features_list([global_crops, local_crops], [masks, None], pack=pack)
             else:
                 outs = self.student.backbone.forward_features_list([global_crops], [masks])
             global_cls = outs[0]["x_norm_clstoken"]  # [2B, D]
