@@ -14,8 +14,8 @@ def fake_cpu(monkeypatch, amx: bool, avx512_bf16: bool, probe_speedup: float | N
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     calls = []
 
-    def probe(width, *args, **kwargs):
-        calls.append(width)
+    def probe(*shape, **kwargs):
+        calls.append(shape)
         if probe_speedup is None:
             raise AssertionError("the probe must not run on this CPU")
         return probe_speedup
@@ -46,9 +46,10 @@ def test_auto_is_fp32_without_native_bf16(monkeypatch):
 @pytest.mark.parametrize("speedup, expected", [(0.93, "fp32"), (1.05, "fp32"), (1.5, "bf16")])
 def test_avx512_bf16_without_amx_follows_the_probe(monkeypatch, speedup, expected):
     calls = fake_cpu(monkeypatch, amx=False, avx512_bf16=True, probe_speedup=speedup)
-    assert P.resolve_precision("auto", CPU, width=192) == expected
-    assert calls == [192]  # probed at the model's width
-    assert f"{speedup:.2f}x" in P.describe_precision("auto", CPU, width=192)
+    cfg = get_config("tiny-cpu")  # width 96, 3 heads, batch 32, 32 px crops of 8 px patches
+    assert P.resolve_precision("auto", CPU, cfg) == expected
+    assert calls == [(96, 3, 64, 17)]  # probed at the run's width and global-crop shape
+    assert f"{speedup:.2f}x" in P.describe_precision("auto", CPU, cfg)
 
 
 def test_unknown_precision_is_a_clear_error():
@@ -71,6 +72,6 @@ def test_auto_config_and_autocast(monkeypatch):
 
 def test_probe_measures_a_positive_ratio():
     P.bf16_probe_speedup.cache_clear()
-    speedup = P.bf16_probe_speedup(32, rows=64, repeats=1)
+    speedup = P.bf16_probe_speedup(32, 2, 4, 17, repeats=1)
     assert speedup > 0
-    assert P.bf16_probe_speedup(32, rows=64, repeats=1) == speedup  # cached per process
+    assert P.bf16_probe_speedup(32, 2, 4, 17, repeats=1) == speedup  # cached per process

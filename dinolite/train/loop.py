@@ -410,8 +410,8 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
                               warmup_steps=int(cfg.loss.warmup_teacher_temp_epochs * epoch_length),
                               student_temp=cfg.loss.student_temp)
     if t.precision == "auto" and is_main:
-        print(describe_precision(t.precision, device, cfg.model.embed_dim))
-    autocast = make_autocast(device, resolve_precision(t.precision, device, cfg.model.embed_dim))
+        print(describe_precision(t.precision, device, cfg))
+    autocast = make_autocast(device, resolve_precision(t.precision, device, cfg))
 
     # Early warnings: kNN (from its value at initialisation) or the features' effective rank falling.
     knn_watch = BelowStartWarning("the teacher's kNN top-1 (%)")
