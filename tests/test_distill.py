@@ -31,7 +31,7 @@ def teacher_file(tmp_path, overrides=(), name="teacher.pth"):
 
 
 def distill_cfg(path, extra=()):
-    return apply_overrides(get_config("dinov3-tiny-cpu-distill"), SMALL + [f"teacher.checkpoint={path}", *extra])
+    return apply_overrides(get_config("tiny-cpu-distill"), SMALL + [f"teacher.checkpoint={path}", *extra])
 
 
 def batches(cfg, n=64):
@@ -154,7 +154,7 @@ def test_missing_teacher_or_headless_file_is_a_one_line_error(tmp_path):
 def test_cli_two_steps_with_two_students(tmp_path, capsys):
     path = teacher_file(tmp_path)
     out = tmp_path / "run"
-    args = ["--config", "dinov3-tiny-cpu-distill", "--data", "builtin:n=64,size=32", "--output-dir", str(out),
+    args = ["--config", "tiny-cpu-distill", "--data", "builtin:n=64,size=32", "--output-dir", str(out),
             *SMALL, "train.epoch_length=2", f"teacher.checkpoint={path}", "teacher.students=small:embed_dim=16",
             "train.knn_train_size=32", "train.knn_test_size=16"]
     assert main(args) == 0

@@ -315,14 +315,14 @@ def _dinov3_vit7b16_gram() -> Config:
     return cfg
 
 
-def _dinov3_tiny_cpu_distill() -> Config:
-    """Distil a trained teacher (teacher.checkpoint=..., e.g. the reference teacher book/weights/shapes_p4_teacher.pth:
-    dinov3-tiny-cpu at width 128, depth 4, patch 4 on 32 px shapes) into a student of width 64 and depth 3 (about a
-    third of its compute). DINOv3 distillation: the teacher's targets are Sinkhorn-Knopp centred at temperature
-    0.07 (no warm-up: the teacher is trained); the student's heads have the teacher's prototype counts. Add
-    students sharing each teacher pass with teacher.students="small:embed_dim=32,num_heads=1"."""
-    cfg = _dinov3_tiny_cpu()
-    cfg.model = dataclasses.replace(cfg.model, img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=2)
+def _tiny_cpu_distill() -> Config:
+    """Distil a trained teacher (teacher.checkpoint=..., e.g. the reference teacher book/weights/textures_p8_teacher.pth:
+    tiny-cpu at width 128 with 6 blocks, trained 2000 steps on textures) into a tiny-cpu student of width 64 with 3
+    blocks (about a twelfth of the teacher's block compute). DINOv3 distillation: the teacher's targets are
+    Sinkhorn-Knopp centred at temperature 0.07 (no warm-up: the teacher is trained); the student's heads have the
+    teacher's prototype counts. Add students that share each teacher pass with teacher.students="small:embed_dim=32"."""
+    cfg = _tiny_cpu()
+    cfg.model = dataclasses.replace(cfg.model, embed_dim=64, depth=3, num_heads=2)
     cfg.loss = dataclasses.replace(cfg.loss, teacher_temp=0.07, warmup_teacher_temp=0.07, warmup_teacher_temp_epochs=0)
     cfg.train = dataclasses.replace(cfg.train, epochs=4, epoch_length=50, knn_every=0)
     return cfg
@@ -361,7 +361,7 @@ RECIPES = {
     "dinov3-vit7b16-pretrain": _dinov3_vit7b16_pretrain,
     "dinov3-vit7b16-gram": _dinov3_vit7b16_gram,
     "dinov3-vit7b16-highres": _dinov3_vit7b16_highres,
-    "dinov3-tiny-cpu-distill": _dinov3_tiny_cpu_distill,
+    "tiny-cpu-distill": _tiny_cpu_distill,
     "dinov3-tiny-cpu-highres": _dinov3_tiny_cpu_highres,
     "vits16-imagenette-1gpu": _vits16_imagenette_1gpu,
     "vitb14-imagenet": _vitb14_imagenet,

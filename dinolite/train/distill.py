@@ -12,8 +12,8 @@ The iBOT positions are the masks of the usual collate (10-50% of the patches of 
 crops), but the student's input is not masked: it is scored at those positions only. Each student keeps
 an EMA copy, which is what is saved, evaluated (kNN) and exported. Run it with the usual CLI:
 
-    python -m dinolite.train --config dinov3-tiny-cpu-distill --data builtin:n=10000,size=32 \\
-        --output-dir runs/distill teacher.checkpoint=book/weights/shapes_p4_teacher.pth
+    python -m dinolite.train --config tiny-cpu-distill --data textures:n=10000,size=32 \\
+        --output-dir runs/distill teacher.checkpoint=book/weights/textures_p8_teacher.pth
 
 Output: checkpoints of all students (exact resume), config.yaml, metrics.jsonl and, at the end,
 <output-dir>/<student name>/backbone_official.pth (the EMA backbone; main student: "student").
@@ -216,10 +216,12 @@ def distill_state(arch: DistillArch, optimizers: dict, step: int, cfg: Config) -
 
 
 def train_distill(cfg: Config, data, output_dir=None, stop_at_step=None, knn_data="auto", device=None,
-                  progress=None, teacher: FrozenTeacher | None = None) -> DistillArch:
+                  progress=None, teacher: FrozenTeacher | None = None, continue_from: str | None = None) -> DistillArch:
     """Distil cfg.teacher's teacher into the student(s); called by dinolite.train.train when teacher.checkpoint
     is set. Same arguments as train (plus an already loaded `teacher`); returns the DistillArch with
-    `history`, `completed_steps`, `total_steps`. Resumes from output_dir's newest checkpoint."""
+    `history`, `completed_steps`, `total_steps`. Resumes from output_dir's newest checkpoint. continue_from
+    ("RUN[@STEP]" or a file of another distillation run): start the same students from its weights and EMA copies
+    with fresh optimisers at step 0 of this config (e.g. a high-resolution stage with crops.size_pairs)."""
     from dinolite.data import build_dataset
     from dinolite.hub import export_official
     from dinolite.train.config import save_config
@@ -264,6 +266,17 @@ def train_distill(cfg: Config, data, output_dir=None, stop_at_step=None, knn_dat
             start_step = int(state["step"])
             print(f"resuming from step {start_step} (checkpoint {path})")
         save_config(cfg, os.path.join(output_dir, "config.yaml"))
+    if continue_from and start_step == 0:
+        run, _, at = continue_from.rpartition("@")
+        source = resolve_checkpoint(run, int(at)) if run and at.isdigit() else resolve_checkpoint(continue_from)
+        state = load_checkpoint(source, map_location=device)
+        try:
+            for name in arch.students:
+                arch.students[name].load_state_dict(state["students"][name])
+                arch.emas[name].load_state_dict(state["emas"][name])
+        except (KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{source} does not hold student {name!r} of this config ({type(e).__name__}): "
+                                  "continue a distillation run with the same students") from None
     batches = StepBatches(dataset, cfg, total_steps, start_step)
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
     logger = _Logger(output_dir, t.tensorboard, True)
@@ -326,3 +339,26 @@ def train_distill(cfg: Config, data, output_dir=None, stop_at_step=None, knn_dat
     logger.close()
     arch.history, arch.total_steps, arch.completed_steps = logger.history, total_steps, step
     return arch
+
+
+def texture_scores(backbone: nn.Module, image_size: int = 32, n_train: int = 1000, n_test: int = 500,
+                   n_dense: tuple[int, int] = (300, 200), seed: int = 100) -> dict:
+    """kNN and linear top-1 (%) on [CLS] features of SyntheticTextures, and the dense probe's mIoU (%) on
+    TextureMosaics (12 classes, one label per pixel): the instruments of chapter 10 and of the reference teacher.
+    Train and test images come from different generator seeds (seed, seed + 100). Deterministic."""
+    from dinolite.data import EvalTransform, SyntheticTextures, TextureMosaics
+    from dinolite.eval import dense_probe, extract_features, knn_classify, linear_probe
+
+    transform = EvalTransform(None, None)
+    train = extract_features(backbone, SyntheticTextures(n_train, image_size, seed=seed, transform=transform),
+                             progress=False)
+    test = extract_features(backbone, SyntheticTextures(n_test, image_size, seed=seed + 100, transform=transform),
+                            progress=False)
+    knn = knn_classify(train["cls"], train["labels"], test["cls"], test["labels"], k=20)["top1"]
+    linear = linear_probe(train["cls"], train["labels"], test["cls"], test["labels"], num_classes=12)["top1"]
+    dense_train, dense_test = (extract_features(backbone, TextureMosaics(n, image_size, seed=s, transform=transform),
+                                                patch_tokens=True, progress=False)
+                               for n, s in ((n_dense[0], seed), (n_dense[1], seed + 100)))
+    dense = dense_probe(dense_train["patch"], dense_train["masks"], dense_test["patch"], dense_test["masks"], 12)
+    return {"knn_top1": round(float(knn), 2), "linear_top1": round(float(linear), 2),
+            "dense_miou": round(float(dense["miou"]), 2)}
