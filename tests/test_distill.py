@@ -166,3 +166,14 @@ def test_cli_two_steps_with_two_students(tmp_path, capsys):
     assert main(args + ["model.patch_size=16", f"--output-dir={tmp_path / 'bad'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: the teacher's patch size is 8 but student's is 16") and err.count("\n") == 1
+
+
+def test_a_teacher_with_one_shared_head_saved_once_loads(tmp_path):
+    """DINOv2 small configs share the DINO and iBOT head; the reference teacher file stores it once."""
+    path = teacher_file(tmp_path, ["head.share_heads=true", "head.weight_norm_last_layer=true"])
+    state = torch.load(path, weights_only=False)
+    state["teacher"] = {k: v for k, v in state["teacher"].items() if not k.startswith("ibot_head.")}
+    torch.save(state, path)
+    teacher = load_teacher(distill_cfg(path))
+    assert teacher.ibot_head is teacher.dino_head
+    assert torch.equal(teacher.dino_head.state_dict()["mlp.0.weight"], state["teacher"]["dino_head.mlp.0.weight"])

@@ -100,7 +100,7 @@ def load_teacher(cfg: Config, device="cpu") -> FrozenTeacher:
         hub.load_official(modules.backbone, weights)
         heads = {k: v for k, v in weights.items() if k.startswith(("dino_head.", "ibot_head."))}
         if teacher_cfg.head.share_heads:  # a saved shared head appears under both names; either is enough
-            heads.update({"ibot_head." + k[9:]: v for k, v in heads.items() if k.startswith("dino_head.")})
+            heads.update({"ibot_head." + k[len("dino_head."):]: v for k, v in heads.items() if k.startswith("dino_head.")})
         missing = [k for k in modules.state_dict() if k.startswith(("dino_head.", "ibot_head.")) and k not in heads]
         if missing:
             raise ValueError(f"no {missing[0].split('.')[0]} weights (distillation needs the teacher's DINO and iBOT "
