@@ -1,5 +1,5 @@
 """Make the distillation teacher of chapter 10 in book/weights/: a wider, deeper tiny ViT (width 128, 6 blocks,
-patch 8) trained longer (2000 steps) on the built-in textures, saved WITH its DINO/iBOT head.
+patch 8) trained longer (500 steps, five times the students' budget) on the built-in textures, saved WITH its DINO/iBOT head.
 
     .venv/bin/python book/weights/make_distill_teacher.py              # train (or resume), export, measure
     .venv/bin/python book/weights/make_distill_teacher.py --skip-train # export and measure an existing run
@@ -30,8 +30,8 @@ RUN_DIR = "runs/distill_teacher"
 DATA = "textures:n=10000,size=32"
 TRAIN_ARGS = [
     "--config", "tiny-cpu", "--data", DATA, "--output-dir", RUN_DIR,
-    "model.embed_dim=128", "model.depth=6", "model.num_heads=4", "train.epochs=20", "train.epoch_length=100",
-    "train.checkpoint_every=500", "train.keep_last=100", "train.knn_every=250", "train.log_every=25",
+    "model.embed_dim=128", "model.depth=6", "model.num_heads=4", "train.epochs=5", "train.epoch_length=100",
+    "train.checkpoint_every=250", "train.keep_last=100", "train.knn_every=250", "train.log_every=25",
     "train.monitor_every=100", "train.progress=false", "train.seed=0",
 ]
 NAME = "textures_p8_teacher"
