@@ -342,10 +342,11 @@ def train_distill(cfg: Config, data, output_dir=None, stop_at_step=None, knn_dat
 
 
 def texture_scores(backbone: nn.Module, image_size: int = 32, n_train: int = 1000, n_test: int = 500,
-                   n_dense: tuple[int, int] = (300, 200), seed: int = 100) -> dict:
+                   n_dense: tuple[int, int] = (300, 200), seed: int = 100, dense: bool = True) -> dict:
     """kNN and linear top-1 (%) on [CLS] features of SyntheticTextures, and the dense probe's mIoU (%) on
     TextureMosaics (12 classes, one label per pixel): the instruments of chapter 10 and of the reference teacher.
-    Train and test images come from different generator seeds (seed, seed + 100). Deterministic."""
+    Train and test images come from different generator seeds (seed, seed + 100). Deterministic. dense=False
+    skips the dense probe."""
     from dinolite.data import EvalTransform, SyntheticTextures, TextureMosaics
     from dinolite.eval import dense_probe, extract_features, knn_classify, linear_probe
 
@@ -356,9 +357,11 @@ def texture_scores(backbone: nn.Module, image_size: int = 32, n_train: int = 100
                             progress=False)
     knn = knn_classify(train["cls"], train["labels"], test["cls"], test["labels"], k=20)["top1"]
     linear = linear_probe(train["cls"], train["labels"], test["cls"], test["labels"], num_classes=12)["top1"]
+    scores = {"knn_top1": round(float(knn), 2), "linear_top1": round(float(linear), 2)}
+    if not dense:
+        return scores
     dense_train, dense_test = (extract_features(backbone, TextureMosaics(n, image_size, seed=s, transform=transform),
                                                 patch_tokens=True, progress=False)
                                for n, s in ((n_dense[0], seed), (n_dense[1], seed + 100)))
-    dense = dense_probe(dense_train["patch"], dense_train["masks"], dense_test["patch"], dense_test["masks"], 12)
-    return {"knn_top1": round(float(knn), 2), "linear_top1": round(float(linear), 2),
-            "dense_miou": round(float(dense["miou"]), 2)}
+    probe = dense_probe(dense_train["patch"], dense_train["masks"], dense_test["patch"], dense_test["masks"], 12)
+    return {**scores, "dense_miou": round(float(probe["miou"]), 2)}
