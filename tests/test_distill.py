@@ -177,3 +177,24 @@ def test_a_teacher_with_one_shared_head_saved_once_loads(tmp_path):
     teacher = load_teacher(distill_cfg(path))
     assert teacher.ibot_head is teacher.dino_head
     assert torch.equal(teacher.dino_head.state_dict()["mlp.0.weight"], state["teacher"]["dino_head.mlp.0.weight"])
+
+
+def test_resume_is_exact_and_continue_from_starts_from_the_students(tmp_path):
+    from dinolite.data import build_dataset
+    from dinolite.train.distill import train_distill
+
+    cfg = distill_cfg(teacher_file(tmp_path), ["train.epoch_length=2", "train.checkpoint_every=1",
+                                               "teacher.students=small:embed_dim=16"])
+    data = build_dataset("builtin:n=32,size=32")
+    full = train_distill(cfg, data, output_dir=str(tmp_path / "full"), knn_data=None)
+    train_distill(cfg, data, output_dir=str(tmp_path / "cut"), knn_data=None, stop_at_step=1)
+    resumed = train_distill(cfg, data, output_dir=str(tmp_path / "cut"), knn_data=None)
+    for name in ("student", "small"):
+        for key, value in full.emas[name].state_dict().items():
+            assert torch.equal(resumed.emas[name].state_dict()[key], value), (name, key)
+    # a later stage (mixed crop sizes, main student only) starts from the run's student and EMA
+    later = apply_overrides(cfg, ["teacher.students=", "crops.size_pairs=32:16:0.5,48:24:0.5", "train.epoch_length=1"])
+    stage = train_distill(later, data, output_dir=str(tmp_path / "later"), knn_data=None, stop_at_step=0,
+                          continue_from=str(tmp_path / "full"))
+    for key, value in full.emas["student"].state_dict().items():
+        assert torch.equal(stage.emas["student"].state_dict()[key], value)
