@@ -11,7 +11,7 @@ from dinolite.train.__main__ import main
 from dinolite.train.checkpoint import CheckpointError, CheckpointNotFoundError
 from dinolite.train.config import config_to_dict
 from dinolite.train.data import StepBatches
-from dinolite.train.distill import DistillArch, build_optimizers, distill_step, load_teacher
+from dinolite.train.distill import DistillArch, build_optimizers, distill_step, load_frozen_teacher
 from dinolite.train.meta_arch import DINOv2MetaArch, build_backbone
 from dinolite.train.optim import schedule_values
 
@@ -134,19 +134,19 @@ def test_missing_teacher_or_headless_file_is_a_one_line_error(tmp_path):
     headless = tmp_path / "backbone.pth"
     torch.save(hub.export_official(build_backbone(cfg)), headless)  # a released backbone: no heads
     with pytest.raises(CheckpointError, match="holds no config: set teacher.config"):
-        load_teacher(distill_cfg(headless))
+        load_frozen_teacher(distill_cfg(headless))
     teacher_yaml = tmp_path / "teacher.yaml"
     from dinolite.train.config import save_config
     save_config(cfg, str(teacher_yaml))
     with pytest.raises(CheckpointError, match="no dino_head weights .* released DINOv3 backbones carry none"):
-        load_teacher(distill_cfg(headless, [f"teacher.config={teacher_yaml}"]))
+        load_frozen_teacher(distill_cfg(headless, [f"teacher.config={teacher_yaml}"]))
     # an official-layout file with heads ({"teacher": {"backbone.*" with storage_tokens, "dino_head.*", ...}})
     arch = DINOv2MetaArch(cfg)
     official = {f"backbone.{k}": v for k, v in hub.export_official(arch.teacher.backbone).items()}
     official.update({k: v for k, v in arch.teacher.state_dict().items() if not k.startswith("backbone.")})
     assert "backbone.storage_tokens" in official
     torch.save({"teacher": official}, headless)
-    teacher = load_teacher(distill_cfg(headless, [f"teacher.config={teacher_yaml}"]))
+    teacher = load_frozen_teacher(distill_cfg(headless, [f"teacher.config={teacher_yaml}"]))
     for key, value in arch.teacher.state_dict().items():
         assert torch.equal(dict(teacher.named_parameters(), **dict(teacher.named_buffers())).get(key, value), value)
 
@@ -174,7 +174,7 @@ def test_a_teacher_with_one_shared_head_saved_once_loads(tmp_path):
     state = torch.load(path, weights_only=False)
     state["teacher"] = {k: v for k, v in state["teacher"].items() if not k.startswith("ibot_head.")}
     torch.save(state, path)
-    teacher = load_teacher(distill_cfg(path))
+    teacher = load_frozen_teacher(distill_cfg(path))
     assert teacher.ibot_head is teacher.dino_head
     assert torch.equal(teacher.dino_head.state_dict()["mlp.0.weight"], state["teacher"]["dino_head.mlp.0.weight"])
 

@@ -111,14 +111,14 @@ def test_distill_teacher_hash_size_strict_load_and_knn():
     import sys
 
     from dinolite.train import apply_overrides, get_config
-    from dinolite.train.distill import load_teacher
+    from dinolite.train.distill import load_frozen_teacher
 
     entry = REFERENCE["distill_teacher"]
     path = WEIGHTS / entry["file"]
     data = path.read_bytes()
     assert len(data) == entry["bytes"] <= 5 * 1024 * 1024
     assert hashlib.sha256(data).hexdigest() == entry["sha256"], f"{path.name} differs from reference.json"
-    teacher = load_teacher(apply_overrides(get_config("tiny-cpu-distill"), [f"teacher.checkpoint={path}"]))
+    teacher = load_frozen_teacher(apply_overrides(get_config("tiny-cpu-distill"), [f"teacher.checkpoint={path}"]))
     assert teacher.cfg.model.embed_dim == entry["config"]["model"]["embed_dim"] == 128
     assert entry["metrics"]["knn_top1"] > entry["random_init"]["knn_top1"] + 5
     sys.path.insert(0, str(WEIGHTS))

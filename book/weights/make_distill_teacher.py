@@ -87,8 +87,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"{path} is {path.stat().st_size} bytes, over the 5 MB limit for committed weights")
 
     from dinolite.train import apply_overrides, get_config
-    from dinolite.train.distill import load_teacher
-    loaded = load_teacher(apply_overrides(get_config("tiny-cpu-distill"), [f"teacher.checkpoint={path}"]))
+    from dinolite.train.distill import load_frozen_teacher
+    loaded = load_frozen_teacher(apply_overrides(get_config("tiny-cpu-distill"), [f"teacher.checkpoint={path}"]))
     torch.manual_seed(cfg.train.seed)
     initial = build_backbone(cfg).eval()
     tic = time.perf_counter()

@@ -78,7 +78,7 @@ class FrozenTeacher(nn.Module):
         return dict(dino=dino.view(2, global_crops.shape[0] // 2, -1), ibot=ibot)
 
 
-def load_teacher(cfg: Config, device="cpu") -> FrozenTeacher:
+def load_frozen_teacher(cfg: Config, device="cpu") -> FrozenTeacher:
     """The frozen teacher of cfg.teacher: a dinolite run directory ("RUN" or "RUN@STEP": its EMA teacher), a
     dinolite checkpoint file, or a file {"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}} whose backbone
     keys may be in the official layout (then teacher.config names its architecture). Loaded strictly."""
@@ -134,7 +134,7 @@ class DistillArch(nn.Module):
     def __init__(self, cfg: Config, device="cpu", teacher: FrozenTeacher | None = None):
         super().__init__()
         self.cfg = cfg
-        self.teacher = teacher if teacher is not None else load_teacher(cfg, device)
+        self.teacher = teacher if teacher is not None else load_frozen_teacher(cfg, device)
         self.student_cfgs = student_configs(cfg)
         self.students, self.emas = nn.ModuleDict(), nn.ModuleDict()
         for i, (name, student_cfg) in enumerate(self.student_cfgs.items()):
