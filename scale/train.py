@@ -446,6 +446,7 @@ def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, st
         from scale.export import export_teacher
         export_teacher(arch, os.path.join(output_dir, "teacher_backbone_official.pth"))
     arch.history, arch.total_steps, arch.completed_steps = history, total_steps, step
+    arch._optimizer = optimizer  # for tests and callers that inspect the AdamW state
     return arch
 
 
