@@ -1,7 +1,7 @@
 """Submit scale/train.py to a SLURM cluster with submitit: one task per GPU, requeued when preempted or out of time.
 
     python scale/launch_slurm.py --nodes 4 --gpus-per-node 8 --partition learn --time 72:00:00 -- \\
-        --config vitg14-lvd142m --data imagenet:/datasets/imagenet --output-dir /checkpoint/$USER/g14
+        --config vitg14-lvd142m --data folder:/datasets/imagenet/train --output-dir /checkpoint/$USER/g14
 
 Everything after `--` is passed to scale/train.py unchanged. SLURM starts nodes x gpus-per-node tasks; each task
 learns its rank from submitit's JobEnvironment and joins one NCCL process group (the environment torchrun would
