@@ -52,7 +52,7 @@ def merge_rank_batches(batches: list[dict]) -> dict:
                 n_masked_patches=torch.tensor(len(mask_indices)), upperbound=sum(b["upperbound"] for b in batches))
 
 
-def single_process_run(world: int, reverse: bool = False, steps: int = STEPS):
+def single_process_run(world: int, reverse: bool = False, steps: int = STEPS, extra=()):
     """dinolite's train_step in this process on the merged global batch of `world` ranks."""
     from dinolite.data import build_dataset
     from dinolite.train.data import StepBatches
@@ -60,7 +60,7 @@ def single_process_run(world: int, reverse: bool = False, steps: int = STEPS):
     from dinolite.train.meta_arch import DINOv2MetaArch
     from dinolite.train.optim import build_optimizer, schedule_values
 
-    cfg, _ = scale_cfg(world)
+    cfg, _ = scale_cfg(world, extra=extra)
     torch.manual_seed(cfg.train.seed)  # what rank 0 of scale/train.py seeds before the same explicit init
     arch = DINOv2MetaArch(cfg, meta_init=True)
     optimizer = build_optimizer(arch.student, cfg)
@@ -72,7 +72,7 @@ def single_process_run(world: int, reverse: bool = False, steps: int = STEPS):
         batch = merge_rank_batches(parts[::-1] if reverse else parts)
         values = schedule_values(cfg, step, cfg.total_steps, cfg.train.epoch_length, cfg.train.batch_size * world)
         out = train_step(arch, optimizer, batch, step, values, seed=cfg.train.seed, clip_grad=cfg.optim.clip_grad)
-        losses.append([out[k].item() for k in ("loss", "dino", "ibot", "koleo")])
+        losses.append([out[k].item() for k in ("loss", "dino", "ibot", "koleo", "gram") if k in out])
     return torch.tensor(losses, dtype=torch.float64), arch.student.state_dict(), arch.teacher.state_dict()
 
 
@@ -86,7 +86,7 @@ def _scale_run(rank, world, overrides, output_dir=None, stop_at_step=None):
     torch.set_num_threads(1)
     cfg, dcfg = scale_cfg(world, extra=overrides)
     arch = scale_train.train(cfg, dcfg, DATA, output_dir, stop_at_step=stop_at_step, log=lambda *a: None)
-    losses = torch.tensor([[r[k] for k in ("loss", "dino", "ibot", "koleo")] for r in arch.history],
+    losses = torch.tensor([[r[k] for k in ("loss", "dino", "ibot", "koleo", "gram") if k in r] for r in arch.history],
                           dtype=torch.float64)
     optim = get_optimizer_state_dict(arch.student, arch._optimizer,
                                      options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -124,28 +124,63 @@ def reference():
     return {world: (single_process_run(world), single_process_run(world, reverse=True)) for world in (2, 4)}
 
 
-@pytest.fixture(scope="module")
-def run_dir_2(tmp_path_factory):
-    """An uninterrupted 2-process run with an output directory (checkpoint and export at the end)."""
-    output_dir = str(tmp_path_factory.mktemp("scale_run"))
-    return output_dir, run_distributed(_scale_run, world_size=2, args=([], output_dir))[0]
+def _jobs(rank, world, jobs):
+    """Several jobs in the same processes, one after the other (each builds its own model): fewer spawns."""
+    return [function(rank, world, *args) for function, args in jobs]
+
+
+GRAM = ["gram.weight=1.0", "gram.teacher_scale=1.0", "gram.update_every=2", "gram.first_update=2", "gram.max_updates=1"]
 
 
 @pytest.fixture(scope="module")
-def interrupted_2(tmp_path_factory):
-    """The same 2-process run stopped after step 2 (its checkpoint is the last thing it writes)."""
-    output_dir = str(tmp_path_factory.mktemp("scale_interrupted"))
-    return output_dir, run_distributed(_scale_run, world_size=2, args=([], output_dir, 2))[0]
+def two_processes(tmp_path_factory):
+    """2 processes: an uninterrupted run (with an output directory: checkpoint and export at the end), the same run
+    stopped after step 2 (its checkpoint is the last thing it writes), and the activation-checkpointing gradients."""
+    run_dir, stopped_dir = (str(tmp_path_factory.mktemp(name)) for name in ("scale_run", "scale_stopped"))
+    keep = ["train.checkpoint_every=1", "train.keep_last=2", "dist.keep_every=2"]  # checkpoints do not change the run
+    jobs = [(_scale_run, (keep, run_dir)), (_scale_run, ([], stopped_dir, 2)), (_grads_by_activation_checkpointing, ())]
+    run, stopped, grads = run_distributed(_jobs, world_size=2, args=(jobs,))[0]
+    return dict(run_dir=run_dir, run=run, stopped_dir=stopped_dir, stopped=stopped, grads=grads)
+
+
+@pytest.fixture(scope="module")
+def four_processes(two_processes):
+    """4 processes: load the checkpoint the 2 processes saved at step 2, then the run from scratch."""
+    from scale.checkpoint import checkpoint_dir
+
+    jobs = [(_load_state, ([], checkpoint_dir(two_processes["stopped_dir"], 2))), (_scale_run, ([],))]
+    loaded, run = run_distributed(_jobs, world_size=4, args=(jobs,))[0]
+    return dict(loaded=loaded, run=run)
+
+
+@pytest.fixture(scope="module")
+def resumed_and_gram(two_processes):
+    """2 new processes: resume the stopped run; then a run anchored to the first run's exported teacher."""
+    gram = GRAM + [f"gram.teacher={os.path.join(two_processes['run_dir'], 'teacher_backbone_official.pth')}"]
+    jobs = [(_scale_run, ([], two_processes["stopped_dir"])), (_scale_run, (gram,))]
+    resumed, gram_run = run_distributed(_jobs, world_size=2, args=(jobs,))[0]
+    return dict(resumed=resumed, gram=gram_run, gram_overrides=gram)
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_fsdp2_equals_one_process_on_the_same_global_batch(world, reference, run_dir_2):
+def test_fsdp2_equals_one_process_on_the_same_global_batch(world, reference, two_processes, four_processes):
     ref, noise = reference[world]
-    run = run_dir_2[1] if world == 2 else run_distributed(_scale_run, world_size=world, args=([],))[0]
+    run = two_processes["run"] if world == 2 else four_processes["run"]
     assert len(run[0]) == STEPS and torch.isfinite(run[0]).all()
     assert (noise[0] - ref[0]).abs().max() > 0  # the reordering does change the rounding: the noise is measured
     report = assert_within_noise(run, ref, noise, f"{world} processes")
     print(f"\n{world} processes vs 1: {report}")
+
+
+def test_sharded_gram_teacher_equals_one_process(resumed_and_gram):
+    """DINOv3 Gram anchoring to the exported teacher of the 2-process run, refreshed from the EMA teacher at step 2."""
+    gram = resumed_and_gram["gram_overrides"]
+    ref = single_process_run(2, extra=gram)
+    noise = single_process_run(2, reverse=True, extra=gram)
+    run = resumed_and_gram["gram"]
+    assert run[0].shape == (STEPS, 5) and torch.isfinite(run[0]).all() and (run[0][:, 4] > 0).all()  # Gram term
+    report = assert_within_noise(run, ref, noise, "Gram anchoring, 2 processes")
+    print(f"\nGram, 2 processes vs 1: {report}")
 
 
 def _grads_by_activation_checkpointing(rank, world):
@@ -167,8 +202,8 @@ def _grads_by_activation_checkpointing(rank, world):
     return grads
 
 
-def test_activation_checkpointing_gives_the_same_gradients_as_none():
-    grads = run_distributed(_grads_by_activation_checkpointing, world_size=2)[0]
+def test_activation_checkpointing_gives_the_same_gradients_as_none(two_processes):
+    grads = two_processes["grads"]
     reference = grads["none"]
     assert any(g.abs().max() > 0 for name, g in reference.items() if "blocks.1." in name)
     for mode in ("full", "selective"):
@@ -205,14 +240,15 @@ def _assert_equal_states(a: dict, b: dict, what: str):
             assert torch.equal(a[key], b[key]), f"{what}.{key}"
 
 
-def test_checkpoint_saved_by_2_processes_loads_into_1_and_4(interrupted_2):
+def test_checkpoint_saved_by_2_processes_loads_into_1_and_4(two_processes, four_processes):
     from scale.checkpoint import list_checkpoints
 
-    output_dir, (_, *saved) = interrupted_2
-    (step, path), = list_checkpoints(output_dir)
-    assert step == 2 and {"config.yaml", "dcp_00000002", "metrics.jsonl"} <= set(os.listdir(output_dir))
+    output_dir, (_, *saved) = two_processes["stopped_dir"], two_processes["stopped"]
+    path = dict(list_checkpoints(output_dir))[2]  # (the resume test continues this run to step 4)
+    assert os.listdir(path) and os.path.isfile(os.path.join(output_dir, "config.yaml"))
     for world in (1, 4):  # the same global batch of 8: train.batch_size = 8 / world
-        progress, student, teacher, optim = run_distributed(_load_state, world_size=world, args=([], path))[0]
+        loaded = four_processes["loaded"] if world == 4 else run_distributed(_load_state, 1, args=([], path))[0]
+        progress, student, teacher, optim = loaded
         assert progress == {"step": 2, "global_batch": 8, "world_size": 2}
         _assert_equal_states(student, saved[0], f"student loaded by {world}")
         _assert_equal_states(teacher, saved[1], f"teacher loaded by {world}")
@@ -220,22 +256,27 @@ def test_checkpoint_saved_by_2_processes_loads_into_1_and_4(interrupted_2):
         assert len(optim["state"]) == len(student) - 8 and optim["state"]  # every (unshared) weight has moments
 
 
-def test_interrupted_and_resumed_run_continues_exactly(run_dir_2, interrupted_2):
-    """Resume in new processes from the checkpoint of step 2 (test_checkpoint_... checks it first)."""
-    _, (losses, student, teacher, _) = run_dir_2
-    resumed_losses, resumed_student, resumed_teacher, _ = run_distributed(_scale_run, world_size=2,
-                                                                          args=([], interrupted_2[0]))[0]
+def test_interrupted_and_resumed_run_continues_exactly(two_processes, resumed_and_gram):
+    """Resume in new processes from the checkpoint of step 2 (test_checkpoint_... checks it)."""
+    losses, student, teacher, _ = two_processes["run"]
+    resumed_losses, resumed_student, resumed_teacher, _ = resumed_and_gram["resumed"]
     assert torch.equal(resumed_losses, losses[2:])  # steps 3 and 4, bitwise
     _assert_equal_states(resumed_student, student, "student")
     _assert_equal_states(resumed_teacher, teacher, "teacher")
 
 
-def test_export_writes_the_teacher_backbone_in_the_official_layout(run_dir_2, tmp_path):
+def test_checkpoints_every_step_keep_the_last_2_and_every_second(two_processes):
+    names = sorted(os.listdir(two_processes["run_dir"]))
+    assert names == ["config.yaml", "dcp_00000002", "dcp_00000003", "dcp_00000004", "metrics.jsonl",
+                     "teacher_backbone_official.pth"]  # no temporary directory left
+
+
+def test_export_writes_the_teacher_backbone_in_the_official_layout(two_processes, tmp_path):
     from dinolite.hub import load_official
     from dinolite.train.meta_arch import build_backbone
     from scale.export import main as export_main
 
-    output_dir, (_, _, teacher, _) = run_dir_2
+    output_dir, (_, _, teacher, _) = two_processes["run_dir"], two_processes["run"]
     out = str(tmp_path / "teacher.pth")
     assert export_main([output_dir, "--out", out]) == 0
     cfg, _ = scale_cfg(2)
@@ -243,4 +284,4 @@ def test_export_writes_the_teacher_backbone_in_the_official_layout(run_dir_2, tm
         backbone = load_official(build_backbone(cfg), torch.load(path, weights_only=True))  # strict
         _assert_equal_states(backbone.state_dict(), {k.removeprefix("backbone."): v for k, v in teacher.items()
                                                      if k.startswith("backbone.")}, path)
-    assert export_main([output_dir, "--step", "3"]) == 2  # no such checkpoint: one-line error
+    assert export_main([output_dir, "--step", "1"]) == 2  # deleted (keep_last=2): one-line error
