@@ -52,3 +52,36 @@ def test_smoke_script_parses_and_its_python_part_runs_on_cpu(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["images_per_s"] > 0 and summary["tflops_per_s"] > 0 and summary["planner_total_bytes"] == 10**9
+
+
+def _torchrun(output_dir, **kwargs):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "scale/train.py",
+               "--config", "tiny-cpu", "--data", "textures:n=64", "--output-dir", str(output_dir), *TINY,
+               "train.epoch_length=8", "train.checkpoint_every=2", "train.progress=false"]
+    return subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _losses(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, f)]
+
+
+def test_torchrun_killed_mid_run_resumes_exactly(tmp_path):
+    import signal
+    import time
+
+    reference = _torchrun(tmp_path / "reference")
+    killed = _torchrun(tmp_path / "killed", start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "killed" / "dcp_00000002").exists():  # the first checkpoint is complete (renamed)
+        assert killed.poll() is None and time.monotonic() < deadline, killed.communicate()[0][-2000:]
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)  # torchrun and both workers, wherever they are (maybe mid-save)
+    killed.wait()
+    assert reference.wait(timeout=240) == 0
+    resumed = _torchrun(tmp_path / "killed")
+    output = resumed.communicate(timeout=240)[0]
+    assert resumed.returncode == 0 and "resuming from step" in output, output[-2000:]
+    assert _losses(tmp_path / "killed") == _losses(tmp_path / "reference")  # steps 1..8, bitwise
+    assert [s for s, _, _ in _losses(tmp_path / "reference")] == list(range(1, 9))
