@@ -17,6 +17,15 @@ def run(args, **kwargs):
                           **kwargs)
 
 
+def test_dinolite_never_imports_scale():
+    import pathlib
+    import re
+
+    importing = [str(path.relative_to(ROOT)) for path in pathlib.Path(ROOT, "dinolite").rglob("*.py")
+                 if re.search(r"^\s*(from|import)\s+scale\b", path.read_text(), re.MULTILINE)]
+    assert importing == []
+
+
 def test_bad_input_is_a_one_line_error_with_exit_code_2(tmp_path):
     out = str(tmp_path / "run")
     cases = [(["--config", "tiny-cpu", "--data", "textures:n=64", "--output-dir", out, "dist.compile=maybe"],

@@ -124,6 +124,29 @@ def reference():
     return {world: (single_process_run(world), single_process_run(world, reverse=True)) for world in (2, 4)}
 
 
+def _ema_on_shards(rank, world):
+    """dinolite.ema.ema_update_ on FSDP2-sharded teacher and student vs the same update on full tensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from dinolite.ema import ema_update_
+
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(5, 7), torch.nn.Linear(5, 7)  # 7 rows: uneven shards
+    expected = {k: teacher.state_dict()[k].mul(0.9).add(v, alpha=1 - 0.9) for k, v in student.state_dict().items()}
+    mesh = init_device_mesh("cpu", (world,))
+    plain_teacher = torch.nn.Linear(5, 7)
+    for module in (student, teacher):
+        fully_shard(module, mesh=mesh)
+    ema_update_(teacher, student, 0.9)
+    try:
+        ema_update_(plain_teacher, student, 0.9)
+        mismatch = None
+    except ValueError as e:
+        mismatch = str(e)
+    return {k: v.full_tensor() for k, v in teacher.state_dict().items()}, expected, mismatch
+
+
 def _jobs(rank, world, jobs):
     """Several jobs in the same processes, one after the other (each builds its own model): fewer spawns."""
     return [function(rank, world, *args) for function, args in jobs]
@@ -138,9 +161,17 @@ def two_processes(tmp_path_factory):
     stopped after step 2 (its checkpoint is the last thing it writes), and the activation-checkpointing gradients."""
     run_dir, stopped_dir = (str(tmp_path_factory.mktemp(name)) for name in ("scale_run", "scale_stopped"))
     keep = ["train.checkpoint_every=1", "train.keep_last=2", "dist.keep_every=2"]  # checkpoints do not change the run
-    jobs = [(_scale_run, (keep, run_dir)), (_scale_run, ([], stopped_dir, 2)), (_grads_by_activation_checkpointing, ())]
-    run, stopped, grads = run_distributed(_jobs, world_size=2, args=(jobs,))[0]
-    return dict(run_dir=run_dir, run=run, stopped_dir=stopped_dir, stopped=stopped, grads=grads)
+    jobs = [(_scale_run, (keep, run_dir)), (_scale_run, ([], stopped_dir, 2)), (_grads_by_activation_checkpointing, ()),
+            (_ema_on_shards, ())]
+    run, stopped, grads, ema = run_distributed(_jobs, world_size=2, args=(jobs,))[0]
+    return dict(run_dir=run_dir, run=run, stopped_dir=stopped_dir, stopped=stopped, grads=grads, ema=ema)
+
+
+def test_ema_update_works_shard_by_shard(two_processes):
+    updated, expected, mismatch = two_processes["ema"]
+    for key in expected:  # the same two fp32 operations per element as on the full tensors: equal to the last bit
+        assert torch.equal(updated[key], expected[key]), key
+    assert mismatch.startswith("teacher and student parameters are sharded differently")
 
 
 @pytest.fixture(scope="module")
