@@ -322,7 +322,8 @@ def train_step(arch: DINOv2MetaArch, optimizer, batch: dict, step: int, values, 
 # the loop
 
 
-def _check_resume(output_dir: str, cfg: Config, dcfg: DistConfig, world_size: int, progress: dict) -> None:
+def _check_resume_config(output_dir: str, cfg: Config, dcfg: DistConfig) -> None:
+    """Before building anything: the run in output_dir must have the same config (but run-control keys)."""
     saved_path = os.path.join(output_dir, "config.yaml")
     if os.path.exists(saved_path):
         saved_cfg, saved_dist = load_scale_config(saved_path)
@@ -335,6 +336,10 @@ def _check_resume(output_dir: str, cfg: Config, dcfg: DistConfig, world_size: in
             lines = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
             raise OutputDirError(f"{output_dir} holds a run with a different config ({lines}). Resume with the "
                                  "same config, or use a new --output-dir")
+
+
+def _check_global_batch(output_dir: str, cfg: Config, world_size: int, progress: dict) -> None:
+    """The data position is the step: it means the same images only with the same global batch."""
     global_batch = cfg.train.batch_size * world_size
     if progress["global_batch"] != global_batch:
         saved = progress["global_batch"]
@@ -386,17 +391,19 @@ def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, st
         except OSError as e:
             raise OutputDirError(f"cannot create output directory {output_dir} ({e.strerror}); "
                                  "give a path you can write to") from None
+    path = ckpt.latest_checkpoint(output_dir) if output_dir else None
+    if path:
+        _check_resume_config(output_dir, cfg, dcfg)
     arch = build_sharded_arch(cfg, dcfg, device)
     optimizer = build_optimizer(arch.student, cfg)
 
     start_step = 0
-    path = ckpt.latest_checkpoint(output_dir) if output_dir else None
     if output_dir and is_main:
         for stale in ckpt.remove_stale_temp_dirs(output_dir):
             log(f"removed {stale}: the temporary directory of a checkpoint save that never finished")
     if path:
         saved = ckpt.load_checkpoint(arch, optimizer, path)
-        _check_resume(output_dir, cfg, dcfg, world_size, saved)
+        _check_global_batch(output_dir, cfg, world_size, saved)
         start_step = saved["step"]
         if is_main:
             log(f"resuming from step {start_step} (checkpoint {path}, saved by {saved['world_size']} processes)")
@@ -493,7 +500,8 @@ def main(argv=None) -> int:
     try:
         cfg, dcfg = load_scale_config(args.config, args.overrides)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here: say it once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     device = init_distributed(cfg.train.device)
     is_main = dist.get_rank() == 0
@@ -511,7 +519,8 @@ def main(argv=None) -> int:
         dist.destroy_process_group()
         return 1
     if is_main:
-        print(f"done: {arch.completed_steps}/{arch.total_steps} steps on {dist.get_world_size()} processes ({device}), "
+        world = dist.get_world_size()
+        print(f"done: {arch.completed_steps}/{arch.total_steps} steps on {world} process{'es' * (world > 1)} ({device}), "
               f"outputs in {args.output_dir}")
     dist.destroy_process_group()
     return 0

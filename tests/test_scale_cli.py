@@ -94,3 +94,15 @@ def test_torchrun_killed_mid_run_resumes_exactly(tmp_path):
     assert resumed.returncode == 0 and "resuming from step" in output, output[-2000:]
     assert _losses(tmp_path / "killed") == _losses(tmp_path / "reference")  # steps 1..8, bitwise
     assert [s for s, _, _ in _losses(tmp_path / "reference")] == list(range(1, 9))
+
+
+def test_resuming_with_another_config_or_global_batch_is_a_one_line_error(tmp_path):
+    first = run(["scale/train.py", "--config", "tiny-cpu", "--data", "textures:n=64", "--output-dir", str(tmp_path),
+                 *TINY, "train.progress=false", "--stop-at-step", "1"])
+    assert first.returncode == 0, first.stderr
+    for change, message in ((["model.depth=2"], "holds a run with a different config (model.depth: saved 1 vs now 2)"),
+                            (["train.batch_size=2"], "was trained with a global batch of 4 images, this run has 2")):
+        result = run(["scale/train.py", "--config", "tiny-cpu", "--data", "textures:n=64", "--output-dir",
+                      str(tmp_path), *TINY, *change])
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert message in result.stderr
