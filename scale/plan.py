@@ -145,9 +145,8 @@ def _batch_shapes(cfg: Config, batch: int) -> dict:
     n_patches = (c.global_size // patch) ** 2
     n_masked_crops = int(2 * batch * c.mask_probability)
     edges = torch.linspace(c.mask_ratio_min, c.mask_ratio_max, n_masked_crops + 1, dtype=torch.float64).tolist()
-    masks = torch.zeros(2 * batch, n_patches, dtype=torch.bool)
-    for i in range(n_masked_crops):
-        masks[i, :int(n_patches * edges[i + 1])] = True
+    counts = torch.tensor([int(n_patches * edge) for edge in edges[1:]] + [0] * (2 * batch - n_masked_crops))
+    masks = torch.arange(n_patches)[None, :] < counts[:, None]  # [2B, N]: crop i masks its first counts[i] patches
     return dict(masks=masks, n_patches=n_patches)
 
 
@@ -375,21 +374,28 @@ def plan(cfg: Config, gpus: int, gpu: str, batch_per_gpu: int, activation_checkp
         step_flops=trace["flops"], mfu=mfu, step_time_s=trace["flops"] / (device.peak_bf16_flops * mfu),
     )
     if search_max_batch:
-        result["max_batch_per_gpu"] = _max_batch(lambda b: static + activations(b)[0] <= usable,
-                                                 batch_per_gpu, total <= usable)
+        result["max_batch_per_gpu"] = _max_batch(lambda b: activations(b)[0], usable - static, batch_per_gpu)
     return result
 
 
-def _max_batch(fits, start: int, start_fits: bool) -> int:
-    """Largest b >= 2 with fits(b) (activations grow with b), by doubling then bisection; 0 if none."""
-    if start_fits:
-        lo, hi = start, start * 2
-        while fits(hi):
-            lo, hi = hi, hi * 2
-    else:
-        if not fits(2):
-            return 0
-        lo, hi = 2, start
+def _max_batch(activations, budget: int, start: int) -> int:
+    """Largest b >= 2 with activations(b) <= budget (0 if none). Activations grow about linearly with b: the
+    line through b = start and 2 * start gives a guess, which exact traces then confirm or move."""
+    def fits(b):
+        return activations(b) <= budget
+
+    if not fits(2):
+        return 0
+    a1, a2 = activations(start), activations(2 * start)
+    slope = max((a2 - a1) / start, 1.0)
+    guess = max(2, start + int((budget - a1) // slope))
+    lo, hi, step = guess, guess + 1, max(1, guess // 64)
+    while not fits(lo):  # walk down to a batch that fits ...
+        hi, lo = lo, max(2, lo - step)
+        step *= 2
+    while fits(hi):  # ... and up to one that does not
+        lo, hi = hi, hi + step
+        step *= 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
