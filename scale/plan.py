@@ -64,6 +64,7 @@ GPUS = {
     "h200": GPU("NVIDIA H200 141GB", 143771 * MiB, 989e12),
 }
 AC_MODES = ("none", "full", "selective")
+_DTYPES = ("bf16", "fp32")
 # Reserved on every GPU, not available to tensors: the CUDA context, NCCL buffers and the caching
 # allocator's fragmentation. A rule of thumb, stated in the output; --headroom changes it.
 DEFAULT_HEADROOM = 0.10
@@ -336,14 +337,19 @@ def _check_inputs(gpus, gpu, batch_per_gpu, activation_checkpointing, mfu, headr
 
 
 def plan(cfg: Config, gpus: int, gpu: str, batch_per_gpu: int, activation_checkpointing: str = "none",
-         mfu: float = 0.4, headroom: float = DEFAULT_HEADROOM, search_max_batch: bool = True) -> dict:
+         mfu: float = 0.4, headroom: float = DEFAULT_HEADROOM, search_max_batch: bool = True,
+         param_dtype: str = "bf16") -> dict:
     """Per-GPU memory (bytes) and step time of training `cfg` with FSDP2 on `gpus` GPUs of type `gpu`.
 
     Returns a dict with params_bytes, grads_bytes, optimizer_bytes, teachers_bytes (and ema_teacher_bytes,
     gram_teacher_bytes), working_bytes, activations_bytes, total_bytes, gpu_bytes, usable_bytes, fits,
     max_batch_per_gpu (0: not even 2 images fit), step_flops, step_time_s and the parameter counts.
+    param_dtype: FSDP2's compute dtype ("bf16", or "fp32" without mixed precision).
     """
     _check_inputs(gpus, gpu, batch_per_gpu, activation_checkpointing, mfu, headroom)
+    if param_dtype not in _DTYPES:
+        raise ValueError(f"param_dtype must be 'bf16' or 'fp32', got {param_dtype!r}")
+    compute_bytes, dtype = (2, torch.bfloat16) if param_dtype == "bf16" else (4, torch.float32)
     device = GPUS[gpu]
     shards = parameter_bytes(cfg, gpus)
     parts = shards["parts"]
@@ -352,13 +358,13 @@ def plan(cfg: Config, gpus: int, gpu: str, batch_per_gpu: int, activation_checkp
     ema_teacher = params  # the same modules, sharded the same way, fp32
     gram_teacher = parts["backbone"]["shard_bytes"] if cfg.gram.weight > 0 else 0
     largest_unit = max(shards["units"].values())
-    # current + prefetched unit in bf16, the unit's bf16 gradients and its fp32 reduce-scatter input
-    working = largest_unit * (2 + 2 + 2 + 4)
+    # current + prefetched unit in the compute dtype, the unit's gradients in it and the fp32 reduce-scatter input
+    working = largest_unit * (3 * compute_bytes + 4)
     static = params + params + optimizer + ema_teacher + gram_teacher + working
     usable = int(device.memory_bytes * (1 - headroom))
 
     def activations(batch: int, count_flops: bool = False) -> tuple[int, dict]:
-        trace = trace_step(cfg, batch, count_flops=count_flops)
+        trace = trace_step(cfg, batch, dtype, count_flops=count_flops)
         return activation_bytes(trace, activation_checkpointing), trace
 
     acts, trace = activations(batch_per_gpu, count_flops=True)
@@ -366,7 +372,7 @@ def plan(cfg: Config, gpus: int, gpu: str, batch_per_gpu: int, activation_checkp
     result = dict(
         config_params=dict((k, v["numel"]) for k, v in parts.items()),
         gpus=gpus, gpu=gpu, gpu_name=device.name, batch_per_gpu=batch_per_gpu, global_batch=gpus * batch_per_gpu,
-        activation_checkpointing=activation_checkpointing,
+        activation_checkpointing=activation_checkpointing, param_dtype=param_dtype,
         params_bytes=params, grads_bytes=params, optimizer_bytes=optimizer,
         teachers_bytes=ema_teacher + gram_teacher, ema_teacher_bytes=ema_teacher, gram_teacher_bytes=gram_teacher,
         working_bytes=working, activations_bytes=acts, total_bytes=total,
@@ -405,9 +411,9 @@ def _max_batch(activations, budget: int, start: int) -> int:
 # ----------------------------------------------------------------------------- command line
 
 ASSUMPTIONS = (
-    "FSDP2 fully_shard per block, then the backbone root and each head, on one mesh of all GPUs; "
+    "FSDP2 fully_shard per block, then the backbone root and each head, on one mesh of all GPUs (as scale/train.py); "
     "fp32 sharded parameters, gradients and AdamW states (exp_avg, exp_avg_sq); MixedPrecisionPolicy "
-    "bf16 compute / fp32 reduce; EMA teacher (and Gram teacher) sharded fp32; activations traced in bf16 "
+    "{param_dtype} compute / fp32 reduce; EMA teacher (and Gram teacher) sharded fp32; activations traced in {param_dtype} "
     "at the given batch, crops and masks; {headroom:.0%} of the GPU kept for CUDA context, NCCL and fragmentation; "
     "step time = traced FLOPs / (GPU dense bf16 peak x MFU), recomputation not counted."
 )
@@ -433,13 +439,13 @@ def format_plan(result: dict, config_name: str) -> str:
     if r["gram_teacher_bytes"]:
         lines.append(f"  Gram teacher (fp32 shards)    {_gb(r['gram_teacher_bytes'])}")
     lines += [
-        f"  working copies (bf16 units)   {_gb(r['working_bytes'])}",
+        f"  working copies ({r['param_dtype']} units)   {_gb(r['working_bytes'])}",
         f"  activations                   {_gb(r['activations_bytes'])}",
         f"  total                         {_gb(r['total_bytes'])}",
         f"  GPU memory                    {_gb(r['gpu_bytes'])} ({_gb(r['usable_bytes']).strip()} usable)",
         f"fits: {'yes' if r['fits'] else 'NO'}; largest batch per GPU that fits: {r['max_batch_per_gpu']}",
         f"step: {r['step_flops'] / 1e15:.2f} PFLOP per GPU -> {r['step_time_s']:.2f} s at MFU {r['mfu']:.0%}",
-        "assumed: " + ASSUMPTIONS.format(headroom=r["headroom"]),
+        "assumed: " + ASSUMPTIONS.format(headroom=r["headroom"], param_dtype=r["param_dtype"]),
     ]
     return "\n".join(lines)
 
@@ -447,16 +453,19 @@ def format_plan(result: dict, config_name: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m scale.plan",
                                      description="Per-GPU memory and step time of FSDP2 training of a dinolite config.")
-    parser.add_argument("--config", required=True, help="a dinolite recipe name or a YAML file")
+    parser.add_argument("--config", required=True,
+                        help="a dinolite recipe name or a YAML file (a scale/ run's config.yaml, with its dist: section)")
     parser.add_argument("--gpus", required=True, help="number of GPUs (FSDP2 shards over all of them)")
     parser.add_argument("--gpu", required=True, help=f"GPU type: {', '.join(GPUS)}")
     parser.add_argument("--batch-per-gpu", required=True, help="images per GPU per step")
-    parser.add_argument("--activation-checkpointing", default="none", help=f"{', '.join(AC_MODES)} (default none)")
+    parser.add_argument("--activation-checkpointing", default=None,
+                        help=f"{', '.join(AC_MODES)} (default: the config's dist.activation_checkpointing, else none)")
     parser.add_argument("--mfu", default="0.4", help="model FLOPs utilisation for the step time (default 0.4)")
     parser.add_argument("--headroom", default=str(DEFAULT_HEADROOM),
                         help="fraction of GPU memory kept free for the CUDA context, NCCL and fragmentation (default 0.1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size=32")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. model.depth=24 dist.param_dtype=fp32")
     return parser
 
 
@@ -468,15 +477,18 @@ def _parse_number(name: str, raw: str, kind):
 
 
 def main(argv=None) -> int:
+    from scale.config import load_scale_config
+
     args = build_parser().parse_args(argv)
     try:
         gpus = _parse_number("--gpus", args.gpus, int)
         batch = _parse_number("--batch-per-gpu", args.batch_per_gpu, int)
         mfu = _parse_number("--mfu", args.mfu, float)
         headroom = _parse_number("--headroom", args.headroom, float)
-        _check_inputs(gpus, args.gpu, batch, args.activation_checkpointing, mfu, headroom)
-        cfg = apply_overrides(get_config(args.config), args.overrides)
-        result = plan(cfg, gpus, args.gpu, batch, args.activation_checkpointing, mfu, headroom)
+        _check_inputs(gpus, args.gpu, batch, args.activation_checkpointing or "none", mfu, headroom)
+        cfg, dcfg = load_scale_config(args.config, args.overrides)
+        ac = args.activation_checkpointing or dcfg.activation_checkpointing
+        result = plan(cfg, gpus, args.gpu, batch, ac, mfu, headroom, param_dtype=dcfg.param_dtype)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
