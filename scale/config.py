@@ -24,7 +24,8 @@ class DistConfig:
     activation_checkpointing: str = "none"  # "none", "full" or "selective" (keep matmul/attention outputs)
     compile: bool = False  # torch.compile each transformer block (after activation checkpointing)
     reshard_after_forward: bool = True  # free each block's gathered weights after its forward (ZeRO-3)
-    param_dtype: str = "bf16"  # FSDP2 MixedPrecisionPolicy: weights gathered in this dtype for compute
+    param_dtype: str = "auto"  # FSDP2 MixedPrecisionPolicy: weights gathered in this dtype for compute
+    # ("auto": bf16 when train.precision is bf16, else fp32)
     reduce_dtype: str = "fp32"  # gradients reduce-scattered in this dtype
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     max_nonfinite: int = 3  # stop after this many consecutive steps with a non-finite loss or gradient
@@ -55,7 +56,8 @@ def validate_dist(d: DistConfig) -> None:
 
     check(d.activation_checkpointing in ("none", "full", "selective"), "activation_checkpointing",
           f"must be 'none', 'full' or 'selective', got {d.activation_checkpointing!r}")
-    check(d.param_dtype in _DTYPES, "param_dtype", f"must be 'bf16' or 'fp32', got {d.param_dtype!r}")
+    check(d.param_dtype in ("auto", *_DTYPES), "param_dtype",
+          f"must be 'auto', 'bf16' or 'fp32', got {d.param_dtype!r}")
     check(d.reduce_dtype in _DTYPES, "reduce_dtype", f"must be 'bf16' or 'fp32', got {d.reduce_dtype!r}")
     check(d.keep_every >= 0, "keep_every", "must be >= 0 (0: keep only the last train.keep_last)")
     check(d.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")

@@ -10,6 +10,7 @@ serve as a Gram teacher (gram.teacher=FILE).
 import argparse
 import os
 import sys
+import warnings
 
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -67,7 +68,9 @@ def export_checkpoint(run_dir: str, step: int | None = None, out: str | None = N
     with torch.device("meta"):
         backbone = build_backbone(cfg)
     state = {"teacher": {f"backbone.{k}": torch.empty_like(v, device="cpu") for k, v in backbone.state_dict().items()}}
-    dcp.load(state, checkpoint_id=path)  # no process group: one process reads every shard
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path)  # no process group: one process reads every shard
     backbone_state = {k.removeprefix("backbone."): v for k, v in state["teacher"].items()}
     out = out or os.path.join(run_dir, f"teacher_backbone_official_{step:08d}.pth")
     atomic_save(_official_file(backbone_state, cfg, dtype), out)

@@ -1,7 +1,7 @@
 """Distributed DINOv2 / DINOv3 pre-training: the dinolite meta-architecture sharded with FSDP2.
 
     torchrun --nproc_per_node 2 scale/train.py --config tiny-cpu --data textures --output-dir runs/scale-tiny
-    torchrun --nproc_per_node 8 scale/train.py --config vitg14-lvd142m --data imagenet:ROOT --output-dir runs/g14 \\
+    torchrun --nproc_per_node 8 scale/train.py --config vitg14-lvd142m --data folder:/data/imagenet/train --output-dir runs/g14 \\
         dist.activation_checkpointing=full
 
 The same recipes, keys, losses, schedules and data pipeline as `python -m dinolite.train`, plus dist.* keys
@@ -16,6 +16,7 @@ The same recipes, keys, losses, schedules and data pipeline as `python -m dinoli
 NCCL on CUDA, gloo on CPU. Without torchrun it runs as one process. Checkpoints: scale/checkpoint.py (DCP).
 """
 import contextlib
+import json
 import math
 import os
 import sys
@@ -194,7 +195,8 @@ def build_sharded_arch(cfg: Config, dcfg: DistConfig, device: torch.device) -> D
     one process) and broadcasts it into the shards; the teacher then copies the student shard by shard.
     """
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    param_dtype = None if dcfg.param_dtype == "fp32" else _DTYPE[dcfg.param_dtype]
+    param_dtype = dcfg.param_dtype if dcfg.param_dtype != "auto" else cfg.train.precision
+    param_dtype = None if param_dtype == "fp32" else _DTYPE[param_dtype]
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=_DTYPE[dcfg.reduce_dtype])
     with torch.device("meta"):
         student = build_student(cfg)
@@ -343,6 +345,16 @@ def _check_resume(output_dir: str, cfg: Config, dcfg: DistConfig, world_size: in
                              f"resume with {hint} so the run continues on the same data and schedules")
 
 
+def _truncate_metrics(path: str, last_step: int) -> None:
+    """Keep only the records up to the checkpoint resumed from (a killed run may have logged steps after it)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
 def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, stop_at_step: int | None = None,
           progress: bool | None = None, log=print) -> DINOv2MetaArch:
     """Train on every rank of the initialised process group (init_distributed) and return the sharded arch.
@@ -390,8 +402,7 @@ def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, st
             log(f"resuming from step {start_step} (checkpoint {path}, saved by {saved['world_size']} processes)")
     if output_dir and is_main:
         save_scale_config(cfg, dcfg, os.path.join(output_dir, "config.yaml"))
-        if start_step == 0 and os.path.exists(os.path.join(output_dir, "metrics.jsonl")):
-            os.remove(os.path.join(output_dir, "metrics.jsonl"))
+        _truncate_metrics(os.path.join(output_dir, "metrics.jsonl"), start_step)
     dist.barrier()
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
 
@@ -420,7 +431,6 @@ def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, st
                 last_logged = done
                 history.append(record)
                 if output_dir and is_main:
-                    import json
                     with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
                         f.write(json.dumps(record) + "\n")
                 if bar:
@@ -446,6 +456,7 @@ def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, st
         from scale.export import export_teacher
         export_teacher(arch, os.path.join(output_dir, "teacher_backbone_official.pth"))
     arch.history, arch.total_steps, arch.completed_steps = history, total_steps, step
+    arch._optimizer = optimizer  # for tests and callers that inspect the AdamW state
     return arch
 
 

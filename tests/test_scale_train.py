@@ -77,6 +77,9 @@ def single_process_run(world: int, reverse: bool = False, steps: int = STEPS):
 
 
 def _scale_run(rank, world, overrides, output_dir=None, stop_at_step=None):
+    """scale/train.py's train() on this rank; rank 0 returns (losses [steps, 4], student, teacher, AdamW state)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
     from scale import train as scale_train
     from scale.checkpoint import full_state_dict
 
@@ -85,7 +88,9 @@ def _scale_run(rank, world, overrides, output_dir=None, stop_at_step=None):
     arch = scale_train.train(cfg, dcfg, DATA, output_dir, stop_at_step=stop_at_step, log=lambda *a: None)
     losses = torch.tensor([[r[k] for k in ("loss", "dino", "ibot", "koleo")] for r in arch.history],
                           dtype=torch.float64)
-    return losses, full_state_dict(arch.student), full_state_dict(arch.teacher)
+    optim = get_optimizer_state_dict(arch.student, arch._optimizer,
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return losses, full_state_dict(arch.student), full_state_dict(arch.teacher), optim
 
 
 def _max_diff(a: dict, b: dict) -> dict:
@@ -93,8 +98,8 @@ def _max_diff(a: dict, b: dict) -> dict:
 
 
 def assert_within_noise(run, ref, noise_run, what):
-    """run, ref, noise_run: (losses [steps, 4], student, teacher). Returns the measured errors."""
-    losses, student, teacher = run
+    """run, ref, noise_run: (losses [steps, 4], student, teacher, ...). Returns the measured errors."""
+    losses, student, teacher = run[:3]
     ref_losses, ref_student, ref_teacher = ref
     noise = (noise_run[0] - ref_losses).abs()
     tol = NOISE_FACTOR * noise + FLOOR_ULPS * ref_losses.abs()
@@ -119,11 +124,123 @@ def reference():
     return {world: (single_process_run(world), single_process_run(world, reverse=True)) for world in (2, 4)}
 
 
+@pytest.fixture(scope="module")
+def run_dir_2(tmp_path_factory):
+    """An uninterrupted 2-process run with an output directory (checkpoint and export at the end)."""
+    output_dir = str(tmp_path_factory.mktemp("scale_run"))
+    return output_dir, run_distributed(_scale_run, world_size=2, args=([], output_dir))[0]
+
+
+@pytest.fixture(scope="module")
+def interrupted_2(tmp_path_factory):
+    """The same 2-process run stopped after step 2 (its checkpoint is the last thing it writes)."""
+    output_dir = str(tmp_path_factory.mktemp("scale_interrupted"))
+    return output_dir, run_distributed(_scale_run, world_size=2, args=([], output_dir, 2))[0]
+
+
 @pytest.mark.parametrize("world", [2, 4])
-def test_fsdp2_equals_one_process_on_the_same_global_batch(world, reference):
+def test_fsdp2_equals_one_process_on_the_same_global_batch(world, reference, run_dir_2):
     ref, noise = reference[world]
-    run = run_distributed(_scale_run, world_size=world, args=([],))[0]
+    run = run_dir_2[1] if world == 2 else run_distributed(_scale_run, world_size=world, args=([],))[0]
     assert len(run[0]) == STEPS and torch.isfinite(run[0]).all()
     assert (noise[0] - ref[0]).abs().max() > 0  # the reordering does change the rounding: the noise is measured
     report = assert_within_noise(run, ref, noise, f"{world} processes")
     print(f"\n{world} processes vs 1: {report}")
+
+
+def _grads_by_activation_checkpointing(rank, world):
+    from dinolite.data import build_dataset
+    from dinolite.train.data import StepBatches
+    from scale import train as scale_train
+
+    torch.set_num_threads(1)
+    grads = {}
+    for mode in ("none", "full", "selective"):
+        # drop path on: the recomputation must draw the same random subsets (checkpoint restores the RNG state)
+        cfg, dcfg = scale_cfg(world, extra=[f"dist.activation_checkpointing={mode}", "model.drop_path_rate=0.3"])
+        arch = scale_train.build_sharded_arch(cfg, dcfg, torch.device("cpu"))
+        batch = StepBatches(build_dataset(DATA), cfg, cfg.total_steps, 0, rank, world)[0]
+        torch.manual_seed(100 + rank)
+        arch.train()
+        arch.forward_losses(batch, teacher_temp=0.04)["loss"].backward()
+        grads[mode] = {name: p.grad.full_tensor() for name, p in arch.student.named_parameters()}
+    return grads
+
+
+def test_activation_checkpointing_gives_the_same_gradients_as_none():
+    grads = run_distributed(_grads_by_activation_checkpointing, world_size=2)[0]
+    reference = grads["none"]
+    assert any(g.abs().max() > 0 for name, g in reference.items() if "blocks.1." in name)
+    for mode in ("full", "selective"):
+        assert grads[mode].keys() == reference.keys()
+        for name, g in grads[mode].items():
+            # The same fp32 ops on the same inputs, recomputed: equal up to a few ulps of the gradient's size.
+            tol = FLOOR_ULPS * reference[name].abs().max().item()
+            assert (g - reference[name]).abs().max().item() <= tol, f"{mode}: {name}"
+
+
+def _load_state(rank, world, overrides, path):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from dinolite.train.optim import build_optimizer
+    from scale import checkpoint as ckpt
+    from scale import train as scale_train
+
+    torch.set_num_threads(1)
+    cfg, dcfg = scale_cfg(world, extra=overrides)
+    arch = scale_train.build_sharded_arch(cfg, dcfg, torch.device("cpu"))
+    optimizer = build_optimizer(arch.student, cfg)
+    progress = ckpt.load_checkpoint(arch, optimizer, path)
+    optim = get_optimizer_state_dict(arch.student, optimizer,
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return progress, ckpt.full_state_dict(arch.student), ckpt.full_state_dict(arch.teacher), optim
+
+
+def _assert_equal_states(a: dict, b: dict, what: str):
+    assert a.keys() == b.keys(), what
+    for key in a:
+        if isinstance(a[key], dict):
+            _assert_equal_states(a[key], b[key], f"{what}.{key}")
+        elif isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), f"{what}.{key}"
+
+
+def test_checkpoint_saved_by_2_processes_loads_into_1_and_4(interrupted_2):
+    from scale.checkpoint import list_checkpoints
+
+    output_dir, (_, *saved) = interrupted_2
+    (step, path), = list_checkpoints(output_dir)
+    assert step == 2 and {"config.yaml", "dcp_00000002", "metrics.jsonl"} <= set(os.listdir(output_dir))
+    for world in (1, 4):  # the same global batch of 8: train.batch_size = 8 / world
+        progress, student, teacher, optim = run_distributed(_load_state, world_size=world, args=([], path))[0]
+        assert progress == {"step": 2, "global_batch": 8, "world_size": 2}
+        _assert_equal_states(student, saved[0], f"student loaded by {world}")
+        _assert_equal_states(teacher, saved[1], f"teacher loaded by {world}")
+        _assert_equal_states(optim["state"], saved[2]["state"], f"AdamW state loaded by {world}")
+        assert len(optim["state"]) == len(student) - 8 and optim["state"]  # every (unshared) weight has moments
+
+
+def test_interrupted_and_resumed_run_continues_exactly(run_dir_2, interrupted_2):
+    """Resume in new processes from the checkpoint of step 2 (test_checkpoint_... checks it first)."""
+    _, (losses, student, teacher, _) = run_dir_2
+    resumed_losses, resumed_student, resumed_teacher, _ = run_distributed(_scale_run, world_size=2,
+                                                                          args=([], interrupted_2[0]))[0]
+    assert torch.equal(resumed_losses, losses[2:])  # steps 3 and 4, bitwise
+    _assert_equal_states(resumed_student, student, "student")
+    _assert_equal_states(resumed_teacher, teacher, "teacher")
+
+
+def test_export_writes_the_teacher_backbone_in_the_official_layout(run_dir_2, tmp_path):
+    from dinolite.hub import load_official
+    from dinolite.train.meta_arch import build_backbone
+    from scale.export import main as export_main
+
+    output_dir, (_, _, teacher, _) = run_dir_2
+    out = str(tmp_path / "teacher.pth")
+    assert export_main([output_dir, "--out", out]) == 0
+    cfg, _ = scale_cfg(2)
+    for path in (out, os.path.join(output_dir, "teacher_backbone_official.pth")):  # exported and end-of-run files
+        backbone = load_official(build_backbone(cfg), torch.load(path, weights_only=True))  # strict
+        _assert_equal_states(backbone.state_dict(), {k.removeprefix("backbone."): v for k, v in teacher.items()
+                                                     if k.startswith("backbone.")}, path)
+    assert export_main([output_dir, "--step", "3"]) == 2  # no such checkpoint: one-line error
