@@ -488,7 +488,8 @@ def main(argv=None) -> int:
         _check_inputs(gpus, args.gpu, batch, args.activation_checkpointing or "none", mfu, headroom)
         cfg, dcfg = load_scale_config(args.config, args.overrides)
         ac = args.activation_checkpointing or dcfg.activation_checkpointing
-        result = plan(cfg, gpus, args.gpu, batch, ac, mfu, headroom, param_dtype=dcfg.param_dtype)
+        param_dtype = cfg.train.precision if dcfg.param_dtype == "auto" else dcfg.param_dtype  # as scale/train.py
+        result = plan(cfg, gpus, args.gpu, batch, ac, mfu, headroom, param_dtype=param_dtype)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
