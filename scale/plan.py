@@ -414,7 +414,8 @@ ASSUMPTIONS = (
     "FSDP2 fully_shard per block, then the backbone root and each head, on one mesh of all GPUs (as scale/train.py); "
     "fp32 sharded parameters, gradients and AdamW states (exp_avg, exp_avg_sq); MixedPrecisionPolicy "
     "{param_dtype} compute / fp32 reduce; EMA teacher (and Gram teacher) sharded fp32; activations traced in {param_dtype} "
-    "at the given batch, crops and masks; {headroom:.0%} of the GPU kept for CUDA context, NCCL and fragmentation; "
+    "at the given batch, crops and masks (the input crops themselves, tens of MB, not counted); "
+    "{headroom:.0%} of the GPU kept for CUDA context, NCCL and fragmentation; "
     "step time = traced FLOPs / (GPU dense bf16 peak x MFU), recomputation not counted."
 )
 
