@@ -1,9 +1,10 @@
 """scale.plan, the memory planner, against hand arithmetic, REFERENCE.md and real FSDP2 runs on CPU.
 
-The distributed tests shard a small dinolite student and its EMA teacher with fully_shard (per block, then
-the backbone root and each head) in 2 and 4 gloo processes, run one step (forward, backward, AdamW) under
-PyTorch's FSDPMemTracker, and compare what each rank holds with the plan: parameter, gradient and
-optimizer-state bytes exactly, activations (the tracker's Activation + Temp at the step's peak) within 15%.
+The distributed tests shard a small dinolite student and its EMA teacher with fully_shard (per block, with
+scale/train.py's activation checkpointing, then the backbone root and each head) in 2 and 4 gloo processes,
+run one step (forward, backward, AdamW) under PyTorch's FSDPMemTracker, and compare what each rank holds
+with the plan: parameter, gradient and optimizer-state bytes exactly, activations (the tracker's Activation +
+Temp at the step's peak) within 15%, for checkpointing none and full (and selective in 2 processes).
 """
 import json
 import math
@@ -112,11 +113,11 @@ def _route(module, method):
 
 def _fsdp_step(rank, world_size, modes):
     """One training step of the small config per checkpointing mode, sharded with fully_shard; bytes held."""
-    from torch.distributed._composable import checkpoint
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from dinolite.train.meta_arch import DINOv2MetaArch
+    from scale.train import apply_activation_checkpointing  # the trainer's, per block
 
     torch.set_num_threads(1)
     cfg = small_config()
@@ -127,8 +128,7 @@ def _fsdp_step(rank, world_size, modes):
         arch = DINOv2MetaArch(cfg)
         for model, method in ((arch.student, "forward_features_list"), (arch.teacher, "forward_features")):
             for block in model.backbone.blocks:
-                if mode == "full":
-                    checkpoint(block)
+                apply_activation_checkpointing(block, mode if model is arch.student else "none")
                 fully_shard(block, mp_policy=mp)
             fully_shard(model.backbone, mp_policy=mp)
             _route(model.backbone, method)
@@ -165,11 +165,11 @@ def _fsdp_step(rank, world_size, modes):
     return results
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_plan_equals_what_fsdp2_holds(world_size):
+@pytest.mark.parametrize("world_size, modes", [(2, ("none", "full", "selective")), (4, ("none", "full"))])
+def test_plan_equals_what_fsdp2_holds(world_size, modes):
     cfg = small_config()
-    measured = run_distributed(_fsdp_step, world_size, (("none", "full"),))
-    planned_acts = {mode: P.activation_bytes(P.trace_step(cfg, SMALL_BATCH), mode) for mode in ("none", "full")}
+    measured = run_distributed(_fsdp_step, world_size, (modes,))
+    planned_acts = {mode: P.activation_bytes(P.trace_step(cfg, SMALL_BATCH), mode) for mode in modes}
     for rank, held in enumerate(measured):
         parts = P.parameter_bytes(cfg, world_size, rank)["parts"].values()
         for mode, got in held.items():
