@@ -317,7 +317,7 @@ def _dinov3_vit7b16_gram() -> Config:
 
 def _tiny_cpu_distill() -> Config:
     """Distil a trained teacher (teacher.checkpoint=..., e.g. the reference teacher book/weights/textures_p8_teacher.pth:
-    tiny-cpu at width 128 with 6 blocks, trained 2000 steps on textures) into a tiny-cpu student of width 64 with 3
+    tiny-cpu at width 128 with 6 blocks, trained 500 steps on textures) into a tiny-cpu student of width 64 with 3
     blocks (about a twelfth of the teacher's block compute). DINOv3 distillation: the teacher's targets are
     Sinkhorn-Knopp centred at temperature 0.07 (no warm-up: the teacher is trained); the student's heads have the
     teacher's prototype counts. Add students that share each teacher pass with teacher.students="small:embed_dim=32"."""
@@ -354,6 +354,32 @@ def _dinov3_vit7b16_highres() -> Config:
     return cfg
 
 
+def _vitg14_lvd142m() -> Config:
+    """The DINOv2 ViT-g/14 pre-training recipe on LVD-142M (official values, REFERENCE.md "Training recipe").
+
+    ViT-g/14: 1536 dim, 40 blocks, 24 heads, SwiGLU (hidden 4096), LayerScale 1e-5, drop path 0.4 by batch subset;
+    separate DINO and iBOT heads of 131072 prototypes (bottleneck 384, weight-normalised last layer);
+    Sinkhorn-Knopp centering; lr 2e-4 x sqrt(global batch / 1024) after 80 warm-up epochs of 1250 iterations,
+    weight decay 0.04 -> 0.2, teacher momentum 0.994 -> 1, layer-wise decay 1.0. train.batch_size is per GPU
+    (choose it with python -m scale.plan); train with scale/train.py (FSDP2), not on one process.
+    """
+    return Config(
+        model=ModelConfig(img_size=224, patch_size=14, embed_dim=1536, depth=40, num_heads=24, ffn="swiglu",
+                          ffn_ratio=4.0, layerscale_init=1e-5, drop_path_rate=0.4, drop_path_mode="subset",
+                          norm_eps=1e-6),
+        head=HeadConfig(dino_out_dim=131072, ibot_out_dim=131072, hidden_dim=2048, bottleneck_dim=384,
+                        share_heads=False, weight_norm_last_layer=True),
+        loss=LossConfig(centering="sinkhorn_knopp", teacher_temp=0.07, warmup_teacher_temp=0.04,
+                        warmup_teacher_temp_epochs=30),
+        crops=CropConfig(global_size=224, local_size=98, n_local=8),
+        optim=OptimConfig(base_lr=2e-4, min_lr=1e-6, warmup_epochs=80, weight_decay=0.04, weight_decay_end=0.2,
+                          momentum_teacher=0.994, final_momentum_teacher=1.0, clip_grad=3.0, layerwise_decay=1.0,
+                          patch_embed_lr_mult=0.2, freeze_last_layer_epochs=1),
+        train=TrainConfig(batch_size=12, epochs=500, epoch_length=1250, precision="bf16", num_workers=10,
+                          checkpoint_every=1000, keep_last=3),
+    )
+
+
 RECIPES = {
     "tiny-cpu": _tiny_cpu,
     "dinov3-tiny-cpu": _dinov3_tiny_cpu,
@@ -363,6 +389,7 @@ RECIPES = {
     "dinov3-vit7b16-highres": _dinov3_vit7b16_highres,
     "tiny-cpu-distill": _tiny_cpu_distill,
     "dinov3-tiny-cpu-highres": _dinov3_tiny_cpu_highres,
+    "vitg14-lvd142m": _vitg14_lvd142m,
     "vits16-imagenette-1gpu": _vits16_imagenette_1gpu,
     "vitb14-imagenet": _vitb14_imagenet,
 }
