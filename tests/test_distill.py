@@ -2,6 +2,7 @@
 one teacher pass shared by several students, and the errors when a student cannot be scored against the teacher."""
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -198,3 +199,20 @@ def test_resume_is_exact_and_continue_from_starts_from_the_students(tmp_path):
                           continue_from=str(tmp_path / "full"))
     for key, value in full.emas["student"].state_dict().items():
         assert torch.equal(stage.emas["student"].state_dict()[key], value)
+
+
+def test_texture_mosaics_label_every_pixel_with_its_texture():
+    from dinolite.data import SyntheticTextures, TextureMosaics
+
+    mosaics = TextureMosaics(24, 32, seed=3)
+    textures = SyntheticTextures(49, 32, seed=3)
+    for i in range(24):
+        image, label, mask = mosaics[i]
+        pixels = torch.as_tensor(np.asarray(image))
+        outer, outer_label = textures.generate(i)
+        assert label == outer_label == i % 12
+        inside = mask != label
+        assert set(mask.unique().tolist()) == {label, int(mask[inside][0])}  # two textures of different classes
+        assert 0.25 <= inside.float().mean() <= 0.51  # a quarter to half of the image
+        assert torch.equal(pixels[~inside], torch.as_tensor(outer)[~inside])
+        assert torch.equal(torch.as_tensor(np.asarray(mosaics[i][0])), pixels)  # a function of (seed, i)
