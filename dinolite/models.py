@@ -539,13 +539,16 @@ class VisionTransformer(nn.Module):
         prefix = x_norm[:, :r]
         if local and self.local_cls_norm is not None and self.training:
             prefix = self.local_cls_norm(x[:, :r])
-        return {
+        out = {
             "x_norm_clstoken": prefix[:, 0],
             "x_norm_regtokens": prefix[:, 1:],
             "x_norm_patchtokens": x_norm[:, r:],
             "x_prenorm": x,
             "masks": masks,
         }
+        if self.rope_embed is not None:  # DINOv3 names its register tokens storage tokens
+            out["x_storage_tokens"] = out["x_norm_regtokens"]
+        return out
 
     # -- public API
     def forward_features_list(self, xs: list[Tensor], masks_list: list[Tensor | None] | None = None,

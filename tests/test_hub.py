@@ -140,7 +140,11 @@ def test_load_dinov3_layout():
     assert torch.equal(net.rope_embed.periods, sd["rope_embed.periods"])
     assert torch.equal(net.blocks[1].mlp.w2.weight, sd["blocks.1.mlp.w2.weight"])
     assert torch.equal(net.local_cls_norm.bias, sd["local_cls_norm.bias"])
+    assert torch.equal(dict(net.named_buffers())["blocks.0.attn.qkv.bias_mask"], sd["blocks.0.attn.qkv.bias_mask"])
     assert set(hub.export_official(net)) == set(sd)
+    out = net.eval().forward_features(torch.randn(2, 3, 64, 64))
+    assert out["x_storage_tokens"].shape == (2, 4, D) and out["x_norm_patchtokens"].shape == (2, 16, D)
+    assert torch.equal(out["x_storage_tokens"], out["x_norm_regtokens"])  # the DINOv3 name of the same tokens
 
 
 class Float64LayerNorm(torch.nn.Module):

@@ -100,3 +100,29 @@ def test_training_state_hash_and_strict_load():
     arch.teacher.load_state_dict(state["teacher"], strict=True)
     late = torch.load(WEIGHTS / REFERENCE["weights"]["late"]["file"], weights_only=True)
     assert all(torch.equal(v, late[k]) for k, v in arch.teacher.backbone.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- the distillation teacher (chapter 10)
+
+def test_distill_teacher_hash_size_strict_load_and_knn():
+    """book/weights/textures_p8_teacher.pth (make_distill_teacher.py): hash and size as recorded, loads strictly as a
+    distillation teacher (backbone and head), beats its initialisation, and re-measures its recorded kNN (only float
+    rounding differs between CPUs: one flipped query of 500 moves it by 0.2)."""
+    import sys
+
+    from dinolite.train import apply_overrides, get_config
+    from dinolite.train.distill import load_frozen_teacher
+
+    entry = REFERENCE["distill_teacher"]
+    path = WEIGHTS / entry["file"]
+    data = path.read_bytes()
+    assert len(data) == entry["bytes"] <= 5 * 1024 * 1024
+    assert hashlib.sha256(data).hexdigest() == entry["sha256"], f"{path.name} differs from reference.json"
+    teacher = load_frozen_teacher(apply_overrides(get_config("tiny-cpu-distill"), [f"teacher.checkpoint={path}"]))
+    assert teacher.cfg.model.embed_dim == entry["config"]["model"]["embed_dim"] == 128
+    assert entry["metrics"]["knn_top1"] > entry["random_init"]["knn_top1"] + 5
+    sys.path.insert(0, str(WEIGHTS))
+    from make_distill_teacher import quick_knn
+
+    quick = entry["quick_check"]
+    assert quick_knn(teacher.backbone) == pytest.approx(quick["knn_top1"], abs=quick["tolerance"])

@@ -211,6 +211,9 @@ def main(argv=None) -> int:
                                 "bytes": path.stat().st_size, "sha256": sha256(path),
                                 "holds": "student, teacher (backbone and heads), centring state, config; no optimiser"}
     report["measure_seconds"] = round(time.perf_counter() - tic, 1)
+    previous = WEIGHTS / "reference.json"
+    if previous.exists() and "distill_teacher" in json.loads(previous.read_text()):  # make_distill_teacher.py's entry
+        report["distill_teacher"] = json.loads(previous.read_text())["distill_teacher"]
     (WEIGHTS / "reference.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({role: w["metrics"] for role, w in report["weights"].items()}, indent=1))
     return 0

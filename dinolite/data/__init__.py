@@ -23,6 +23,7 @@ from dinolite.data.datasets import (
     ImageListDataset,
     SyntheticShapes,
     SyntheticTextures,
+    TextureMosaics,
     TorchvisionDataset,
     build_dataset,
     cifar10,

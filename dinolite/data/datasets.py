@@ -565,6 +565,44 @@ class SyntheticTextures(torch.utils.data.Dataset):
         return image, label
 
 
+class TextureMosaics(torch.utils.data.Dataset):
+    """A dense task on the textures' own domain: SyntheticTextures image i with a rectangle (a quarter to half of
+    the image, random place) taken from a texture of another class. Item i depends only on (seed, i).
+
+    Returns (image, label, mask): label is the outer texture's class, mask LongTensor [S, S] the class id of
+    each pixel (0..11), for dense probes (dinolite.eval.dense_probe with num_classes 12).
+    """
+
+    num_classes = len(TEXTURE_CLASSES)
+
+    def __init__(self, num_images: int = 1000, image_size: int = 32, seed: int = 0, transform=None):
+        self.textures = SyntheticTextures(2 * num_images + 1, image_size, seed=seed)
+        self.num_images, self.image_size, self.transform = int(num_images), int(image_size), transform
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.num_images:
+            raise IndexError(f"index {i} out of range for TextureMosaics of length {self.num_images}")
+        outer, label = self.textures.generate(i)
+        rng = np.random.default_rng([self.textures.seed, i, 11])
+        j = self.num_images + i  # a texture of another class: classes cycle with the index
+        if j % self.num_classes == label:
+            j += 1
+        inner, inner_label = self.textures.generate(j)
+        S = self.image_size
+        h, w = (int(rng.integers(S // 2, int(S * 0.71) + 1)) for _ in range(2))
+        top, left = int(rng.integers(0, S - h + 1)), int(rng.integers(0, S - w + 1))
+        image, mask = outer.copy(), np.full((S, S), label, dtype=np.int64)
+        image[top:top + h, left:left + w] = inner[top:top + h, left:left + w]
+        mask[top:top + h, left:left + w] = inner_label
+        image = Image.fromarray(image)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label, torch.from_numpy(mask)
+
+
 # --------------------------------------------------------------------------------------
 # --data spec and DataLoader
 # --------------------------------------------------------------------------------------

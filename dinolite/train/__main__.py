@@ -9,6 +9,9 @@ Re-running with the same --output-dir resumes from its latest checkpoint.
 Continue a finished run with Gram anchoring (DINOv3's refinement stage), anchored to its step-100 teacher:
     python -m dinolite.train --config dinov3-tiny-cpu-gram --data textures --output-dir runs/tiny-gram \
         --continue-from runs/tiny gram.teacher=runs/tiny gram.teacher_step=100
+Distil a trained teacher (with its heads) into a student and a smaller second student (chapter 10):
+    python -m dinolite.train --config tiny-cpu-distill --data textures:n=10000,size=32 --output-dir runs/distill \
+        teacher.checkpoint=book/weights/textures_p8_teacher.pth teacher.students="small:embed_dim=32,num_heads=1"
 A config, data or output-directory problem prints one line `error: ...` and exits with code 2.
 """
 import argparse
@@ -61,7 +64,8 @@ def main(argv=None) -> int:
     last = next((r for r in reversed(arch.history) if "knn_top1" in r), None)
     summary = f"done: {arch.completed_steps}/{arch.total_steps} steps, outputs in {args.output_dir}"
     if last:
-        summary += f", teacher kNN top-1 {last['knn_top1']:.1f}%"
+        who = "student (EMA)" if cfg.teacher.checkpoint else "teacher"
+        summary += f", {who} kNN top-1 {last['knn_top1']:.1f}%"
     print(summary)
     return 0
 

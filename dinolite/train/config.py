@@ -95,6 +95,9 @@ class CropConfig:
     mask_ratio_mode: str = "uniform"  # "uniform" in each bin (DINOv2) or the bin's upper edge (DINOv3)
     complete_masks: bool = False  # DINOv3: fill each mask up to its exact target with random patches
     flip_probability: float = 0.5  # horizontal flips (DINOv3 7B: none)
+    # Mixed crop sizes (DINOv3 high-resolution adaptation): "G:L:p,G:L:p,..." (global size, local size,
+    # probability); each step draws one pair, the same on every rank. "": always global_size / local_size.
+    size_pairs: str = ""
 
 
 @dataclass
@@ -157,6 +160,17 @@ class GramConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """Distillation (DINOv3): a frozen, trained teacher (backbone + DINO and iBOT heads) gives the targets;
+    the student (and any extra students, sharing each teacher pass) learn from it. Off while checkpoint is ""."""
+
+    checkpoint: str = ""  # a dinolite run directory ("RUN@STEP" for a step), checkpoint or official-layout file
+    config: str = ""  # the teacher's recipe or YAML, for a file that holds no config (an official-layout file)
+    # More students: "name:key=value,key=value;name2:..." with model.* overrides, e.g. "small:embed_dim=64,depth=2"
+    students: str = ""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -165,6 +179,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     gram: GramConfig = field(default_factory=GramConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     @property
     def total_steps(self) -> int:
@@ -324,6 +339,71 @@ def _dinov3_vit7b16_gram() -> Config:
     return cfg
 
 
+def _tiny_cpu_distill() -> Config:
+    """Distil a trained teacher (teacher.checkpoint=..., e.g. the reference teacher book/weights/textures_p8_teacher.pth:
+    tiny-cpu at width 128 with 6 blocks, trained 500 steps on textures) into a tiny-cpu student of width 64 with 3
+    blocks (about a twelfth of the teacher's block compute). DINOv3 distillation: the teacher's targets are
+    Sinkhorn-Knopp centred at temperature 0.07 (no warm-up: the teacher is trained); the student's heads have the
+    teacher's prototype counts. Add students that share each teacher pass with teacher.students="small:embed_dim=32"."""
+    cfg = _tiny_cpu()
+    cfg.model = dataclasses.replace(cfg.model, embed_dim=64, depth=3, num_heads=2)
+    cfg.loss = dataclasses.replace(cfg.loss, teacher_temp=0.07, warmup_teacher_temp=0.07, warmup_teacher_temp_epochs=0)
+    cfg.train = dataclasses.replace(cfg.train, epochs=4, epoch_length=50, knn_every=0)
+    return cfg
+
+
+def _dinov3_tiny_cpu_highres() -> Config:
+    """High-resolution adaptation of a dinov3-tiny-cpu run (continue it with --continue-from RUN and set gram.teacher):
+    each step trains at (global, local) 32/16 or 48/24 px with equal probability, the same on every rank, with a Gram
+    teacher at 1.5x the global size, a constant Gram weight 1.5 and local-crop DINO weight 0.5 (the 7B's values,
+    scaled down in pixels). 2 more epochs after dinov3-tiny-cpu's 8."""
+    cfg = _dinov3_tiny_cpu()
+    cfg.crops = dataclasses.replace(cfg.crops, size_pairs="32:16:0.5,48:24:0.5")
+    cfg.train = dataclasses.replace(cfg.train, epochs=10)
+    cfg.optim = dataclasses.replace(cfg.optim, momentum_teacher=0.999, final_momentum_teacher=0.999)
+    cfg.gram = GramConfig(weight=1.5, start_epoch=0, warmup_epochs=0, teacher_scale=1.5, local_dino_weight=0.5)
+    return cfg
+
+
+def _dinov3_vit7b16_highres() -> Config:
+    """The DINOv3 ViT-7B/16 high-resolution adaptation: ~30k iterations after the Gram stage (1.2M -> 1.23M), every
+    rank at the same resolution each step: globals 512 or 768, locals 112 to 336, Gram-teacher crops 1.5x the
+    global size, Gram weight constant 1.5, local-crop DINO weight 0.5 (REFERENCE.md). The official values fix those
+    ranges; the pairs below and their equal probabilities are ours. Continue the Gram run with --continue-from."""
+    cfg = _dinov3_vit7b16_gram()
+    cfg.train = dataclasses.replace(cfg.train, epochs=1230)
+    cfg.crops = dataclasses.replace(cfg.crops, size_pairs="512:112:0.25,768:112:0.25,768:224:0.25,768:336:0.25")
+    cfg.gram = dataclasses.replace(cfg.gram, weight=1.5, start_epoch=0, warmup_epochs=0, final_weight=-1.0,
+                                   teacher_scale=1.5, local_dino_weight=0.5)
+    return cfg
+
+
+def _vitg14_lvd142m() -> Config:
+    """The DINOv2 ViT-g/14 pre-training recipe on LVD-142M (official values, REFERENCE.md "Training recipe").
+
+    ViT-g/14: 1536 dim, 40 blocks, 24 heads, SwiGLU (hidden 4096), LayerScale 1e-5, drop path 0.4 by batch subset;
+    separate DINO and iBOT heads of 131072 prototypes (bottleneck 384, weight-normalised last layer);
+    Sinkhorn-Knopp centering; lr 2e-4 x sqrt(global batch / 1024) after 80 warm-up epochs of 1250 iterations,
+    weight decay 0.04 -> 0.2, teacher momentum 0.994 -> 1, layer-wise decay 1.0. train.batch_size is per GPU
+    (choose it with python -m scale.plan); train with scale/train.py (FSDP2), not on one process.
+    """
+    return Config(
+        model=ModelConfig(img_size=224, patch_size=14, embed_dim=1536, depth=40, num_heads=24, ffn="swiglu",
+                          ffn_ratio=4.0, layerscale_init=1e-5, drop_path_rate=0.4, drop_path_mode="subset",
+                          norm_eps=1e-6),
+        head=HeadConfig(dino_out_dim=131072, ibot_out_dim=131072, hidden_dim=2048, bottleneck_dim=384,
+                        share_heads=False, weight_norm_last_layer=True),
+        loss=LossConfig(centering="sinkhorn_knopp", teacher_temp=0.07, warmup_teacher_temp=0.04,
+                        warmup_teacher_temp_epochs=30),
+        crops=CropConfig(global_size=224, local_size=98, n_local=8),
+        optim=OptimConfig(base_lr=2e-4, min_lr=1e-6, warmup_epochs=80, weight_decay=0.04, weight_decay_end=0.2,
+                          momentum_teacher=0.994, final_momentum_teacher=1.0, clip_grad=3.0, layerwise_decay=1.0,
+                          patch_embed_lr_mult=0.2, freeze_last_layer_epochs=1),
+        train=TrainConfig(batch_size=12, epochs=500, epoch_length=1250, precision="bf16", num_workers=10,
+                          checkpoint_every=1000, keep_last=3),
+    )
+
+
 RECIPES = {
     "tiny-cpu": _tiny_cpu,
     "small-photos": _small_photos,
@@ -331,6 +411,10 @@ RECIPES = {
     "dinov3-tiny-cpu-gram": _dinov3_tiny_cpu_gram,
     "dinov3-vit7b16-pretrain": _dinov3_vit7b16_pretrain,
     "dinov3-vit7b16-gram": _dinov3_vit7b16_gram,
+    "dinov3-vit7b16-highres": _dinov3_vit7b16_highres,
+    "tiny-cpu-distill": _tiny_cpu_distill,
+    "dinov3-tiny-cpu-highres": _dinov3_tiny_cpu_highres,
+    "vitg14-lvd142m": _vitg14_lvd142m,
     "vits16-imagenette-1gpu": _vits16_imagenette_1gpu,
     "vitb14-imagenet": _vitb14_imagenet,
 }
@@ -504,6 +588,40 @@ def config_diff(a: Config, b: Config) -> dict:
     return {k: (fa[k], fb[k]) for k in fa if fa[k] != fb[k]}
 
 
+def parse_size_pairs(text: str) -> list[tuple[int, int, float]]:
+    """crops.size_pairs "512:112:0.5,768:224:0.5" -> [(512, 112, 0.5), (768, 224, 0.5)] (probabilities
+    normalised to sum 1). A malformed entry is a ValueError naming it."""
+    pairs = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            g, l, p = item.split(":")
+            pairs.append((int(g), int(l), float(p)))
+        except ValueError:
+            raise ValueError(f"config key 'crops.size_pairs': {item!r} is not GLOBAL:LOCAL:PROBABILITY "
+                             "(e.g. crops.size_pairs=32:16:0.5,48:24:0.5)") from None
+    total = sum(p for _, _, p in pairs)
+    if pairs and (min(p for _, _, p in pairs) < 0 or total <= 0):
+        raise ValueError("config key 'crops.size_pairs': probabilities must be >= 0 with a positive sum")
+    return [(g, l, p / total) for g, l, p in pairs]
+
+
+def parse_students(text: str) -> list[tuple[str, list[str]]]:
+    """teacher.students "small:embed_dim=64,depth=2;tiny:embed_dim=32" -> [("small", ["model.embed_dim=64",
+    "model.depth=2"]), ("tiny", ["model.embed_dim=32"])]: the model overrides of each extra student."""
+    students = []
+    for item in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, overrides = item.partition(":")
+        name = name.strip()
+        if not name.isidentifier() or name == "student":
+            raise ValueError(f"config key 'teacher.students': {item!r} needs a name (letters, digits, _; not "
+                             "'student', the main student) before ':', e.g. small:embed_dim=64,depth=2")
+        students.append((name, [f"model.{o.strip()}" for o in overrides.split(",") if o.strip()]))
+    names = [n for n, _ in students]
+    if len(set(names)) != len(names):
+        raise ValueError(f"config key 'teacher.students': student names repeat ({', '.join(names)})")
+    return students
+
+
 def validate(cfg: Config) -> None:
     """Reject values that would silently train something wrong."""
     def check(ok, key, msg):
@@ -549,10 +667,22 @@ def validate(cfg: Config) -> None:
     check(g.teacher_step >= -1, "gram.teacher_step", "must be a checkpoint step, or -1 for the newest")
     check(g.remove_neg in ("none", "both", "teacher"), "gram.remove_neg",
           f"must be 'none', 'both' or 'teacher', got {g.remove_neg!r}")
-    gram_size = g.teacher_scale * c.global_size
-    check(g.teacher_scale >= 1.0 and gram_size == int(gram_size) and int(gram_size) % m.patch_size == 0,
-          "gram.teacher_scale", f"must be >= 1 and give a Gram crop size (teacher_scale x crops.global_size = "
-          f"{gram_size:g}) that is a multiple of model.patch_size={m.patch_size}")
+    pairs = parse_size_pairs(c.size_pairs)
+    for global_size, local_size, _ in pairs:
+        check(global_size % m.patch_size == 0 and local_size % m.patch_size == 0, "crops.size_pairs",
+              f"{global_size}:{local_size} are not both multiples of model.patch_size={m.patch_size}")
+    for global_size in {c.global_size} | {gs for gs, _, _ in pairs}:
+        gram_size = g.teacher_scale * global_size
+        check(g.teacher_scale >= 1.0 and gram_size == int(gram_size) and int(gram_size) % m.patch_size == 0,
+              "gram.teacher_scale", f"must be >= 1 and give a Gram crop size (teacher_scale x global size "
+              f"{global_size} = {gram_size:g}) that is a multiple of model.patch_size={m.patch_size}")
+    for name, overrides in parse_students(cfg.teacher.students):
+        bad = [o for o in overrides if o.split("=")[0] not in _all_keys(ModelConfig, "model.")]
+        check(not bad, "teacher.students", f"student {name!r}: {', '.join(bad)} is not a model key")
+        check(not any(o.startswith("model.patch_size=") for o in overrides), "teacher.students",
+              f"student {name!r}: every student uses the teacher's patch size (model.patch_size)")
+    check(not cfg.teacher.students or cfg.teacher.checkpoint, "teacher.students",
+          "extra students need a teacher to distil from: set teacher.checkpoint")
     check(t.precision in ("auto", "bf16", "fp32"), "train.precision",
           f"must be 'auto', 'bf16' or 'fp32', got {t.precision!r}")
     check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device",

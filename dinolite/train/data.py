@@ -15,10 +15,10 @@ import torch
 
 from dinolite.data import DataError, MultiCropAugmentation
 from dinolite.masking import MaskingGenerator, collate_multicrop
-from dinolite.train.config import Config
+from dinolite.train.config import Config, parse_size_pairs
 
 # Stream tags keep the random streams of one step independent of each other.
-_ORDER, _AUGMENT, _MASKS, _MODEL = 0, 1, 2, 3
+_ORDER, _AUGMENT, _MASKS, _MODEL, _SIZES = 0, 1, 2, 3, 4
 
 
 def derive_seed(*numbers: int) -> int:
@@ -30,21 +30,35 @@ def step_generator(seed: int, step: int, rank: int, tag: int) -> torch.Generator
     return torch.Generator().manual_seed(derive_seed(seed, step, rank, tag))
 
 
-def build_augmentation(cfg: Config) -> MultiCropAugmentation:
+def build_augmentation(cfg: Config, sizes: tuple[int, int] | None = None) -> MultiCropAugmentation:
+    """The multi-crop augmentation of cfg.crops, at sizes = (global, local) when given."""
     c = cfg.crops
+    global_size, local_size = sizes or (c.global_size, c.local_size)
     return MultiCropAugmentation(
-        global_size=c.global_size, local_size=c.local_size, n_local=c.n_local,
+        global_size=global_size, local_size=local_size, n_local=c.n_local,
         global_scale=(c.global_scale_min, 1.0), local_scale=(c.local_scale_min, c.local_scale_max),
-        blur_sigma=(c.blur_sigma_min, c.blur_sigma_max), flip_p=c.flip_probability, gram_size=gram_crop_size(cfg),
+        blur_sigma=(c.blur_sigma_min, c.blur_sigma_max), flip_p=c.flip_probability,
+        gram_size=gram_crop_size(cfg, global_size),
     )
 
 
-def gram_crop_size(cfg: Config) -> int | None:
+def gram_crop_size(cfg: Config, global_size: int | None = None) -> int | None:
     """Size of the Gram teacher's crops (the global crops' boxes at gram.teacher_scale x the global size,
     without photometric distortion), or None when the teacher sees the student's global crops."""
     if cfg.gram.weight == 0.0 or cfg.gram.teacher_scale == 1.0:
         return None
-    return int(cfg.gram.teacher_scale * cfg.crops.global_size)
+    return int(cfg.gram.teacher_scale * (global_size or cfg.crops.global_size))
+
+
+def crop_sizes_at(cfg: Config, step: int) -> tuple[int, int]:
+    """(global, local) crop size of `step`: one draw from crops.size_pairs seeded by (seed, step) alone, so
+    every rank trains at the same resolution (DINOv3 high-resolution adaptation)."""
+    pairs = parse_size_pairs(cfg.crops.size_pairs)
+    if not pairs:
+        return cfg.crops.global_size, cfg.crops.local_size
+    gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, step, _SIZES))
+    choice = int(torch.multinomial(torch.tensor([p for _, _, p in pairs], dtype=torch.float64), 1, generator=gen))
+    return pairs[choice][:2]
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -69,6 +83,7 @@ class StepBatches(torch.utils.data.Dataset):
         self.total_steps, self.start_step = total_steps, start_step
         self.rank, self.world_size = rank, world_size
         self.augmentation = build_augmentation(cfg)
+        self._augmentations = {}  # (global, local) -> augmentation, for crops.size_pairs
         grid = cfg.crops.global_size // cfg.model.patch_size
         self.grid = grid
         self._perm_epoch, self._perm = None, None
@@ -95,14 +110,20 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, item: int) -> dict:
         step = self.start_step + item
         seed, c = self.cfg.train.seed, self.cfg.crops
+        augmentation, grid = self.augmentation, self.grid
+        if c.size_pairs:
+            sizes = crop_sizes_at(self.cfg, step)
+            if sizes not in self._augmentations:
+                self._augmentations[sizes] = build_augmentation(self.cfg, sizes)
+            augmentation, grid = self._augmentations[sizes], sizes[0] // self.cfg.model.patch_size
         samples = []
         for j, index in enumerate(self.indices(step)):
             entry = self.dataset[index]
             image, label = (entry[0], entry[1]) if isinstance(entry, (tuple, list)) else (entry, None)
             gen = torch.Generator().manual_seed(derive_seed(seed, step, self.rank, _AUGMENT, j))
-            crops = self.augmentation(image, generator=gen)
+            crops = augmentation(image, generator=gen)
             samples.append(crops if label is None else (crops, label))
-        mask_generator = MaskingGenerator(self.grid, generator=step_generator(seed, step, self.rank, _MASKS))
+        mask_generator = MaskingGenerator(grid, generator=step_generator(seed, step, self.rank, _MASKS))
         batch = collate_multicrop(
             samples, mask_generator, mask_probability=c.mask_probability,
             mask_ratio_range=(c.mask_ratio_min, c.mask_ratio_max), patch_size=self.cfg.model.patch_size,

@@ -334,6 +334,10 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
            continue_from=None) -> DINOv2MetaArch:
     from dinolite.data import build_dataset
 
+    if cfg.teacher.checkpoint:  # distillation from a frozen teacher (dinolite.train.distill)
+        from dinolite.train.distill import train_distill
+        return train_distill(cfg, data, output_dir, stop_at_step, knn_data, device, progress,
+                             continue_from=continue_from)
     t = cfg.train
     device = resolve_device(device or t.device)
     progress = t.progress if progress is None else progress

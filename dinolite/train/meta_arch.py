@@ -24,7 +24,8 @@ from dinolite.centering import SoftmaxCenter, sinkhorn_knopp
 from dinolite.ema import make_teacher
 from dinolite.gram_teacher import GramTeacher
 from dinolite.heads import DINOHead
-from dinolite.losses import DINOLoss, IBOTPatchLoss, gram_loss, koleo_loss
+from dinolite.losses import DINOLoss, IBOTPatchLoss, gram_loss
+from dinolite.losses.koleo import KoLeoLoss
 from dinolite.models import VisionTransformer
 from dinolite.train.checkpoint import CheckpointError
 from dinolite.train.config import Config
@@ -59,6 +60,20 @@ def build_student(cfg: Config) -> nn.ModuleDict:
     return nn.ModuleDict(dict(backbone=backbone, dino_head=dino_head, ibot_head=ibot_head))
 
 
+def build_student_on_meta_and_init(cfg: Config, device="cpu") -> nn.ModuleDict:
+    """build_student on the meta device (no memory), materialised on `device` with to_empty() and initialised
+    by the explicit init_weights() of the backbone and heads (torch's global RNG: seed it first)."""
+    with torch.device("meta"):
+        student = build_student(cfg)
+    student.to_empty(device=device)
+    with torch.no_grad():
+        student.backbone.init_weights()
+        student.dino_head.init_weights()
+        if student.ibot_head is not student.dino_head:
+            student.ibot_head.init_weights()
+    return student
+
+
 class DINOv2MetaArch(nn.Module):
     """Student, teacher and the teacher-side centering state.
 
@@ -68,27 +83,28 @@ class DINOv2MetaArch(nn.Module):
         meta_init: build on the meta device (no memory), then materialise with to_empty() and run
             the explicit init_weights() of the backbone and heads: the path a sharded (FSDP2)
             run takes. Either way the teacher starts as an exact copy of the student.
+        student, teacher, gram_teacher: modules built elsewhere (scale/ passes FSDP2-sharded ones, already
+            materialised, the teacher equal to the student); default: built here from cfg.
+        koleo_group_size: ranks whose images form one KoLeo batch (dinolite.losses.KoLeoLoss): 1 (each rank
+            alone, DINOv2), None (all ranks: the same loss as one process holding the global batch).
     """
 
-    def __init__(self, cfg: Config, device="cpu", meta_init: bool = False):
+    def __init__(self, cfg: Config, device="cpu", meta_init: bool = False, student: nn.Module | None = None,
+                 teacher: nn.Module | None = None, gram_teacher: nn.Module | None = None,
+                 koleo_group_size: int | None = 1):
         super().__init__()
         if cfg.head.share_heads and cfg.head.ibot_out_dim != cfg.head.dino_out_dim:
             raise ValueError("head.share_heads=True needs head.ibot_out_dim == head.dino_out_dim "
                              f"(got {cfg.head.ibot_out_dim} and {cfg.head.dino_out_dim})")
-        if meta_init:
-            with torch.device("meta"):
-                student = build_student(cfg)
-            student.to_empty(device=device)
-            with torch.no_grad():
-                student.backbone.init_weights()
-                student.dino_head.init_weights()
-                if student.ibot_head is not student.dino_head:
-                    student.ibot_head.init_weights()
-        else:
+        if (student is None) != (teacher is None):
+            raise ValueError("pass both a student and a teacher, or neither")
+        if student is None and meta_init:
+            student = build_student_on_meta_and_init(cfg, device)
+        elif student is None:
             student = build_student(cfg).to(device)
         self.cfg = cfg
         self.student = student
-        self.teacher = make_teacher(student)  # deep copy, requires_grad False, eval mode
+        self.teacher = make_teacher(student) if teacher is None else teacher  # a copy, frozen, eval mode
         self.centering = cfg.loss.centering
         if self.centering == "softmax_center":
             self.dino_center = SoftmaxCenter(cfg.head.dino_out_dim, cfg.loss.center_momentum).to(device)
@@ -98,8 +114,9 @@ class DINOv2MetaArch(nn.Module):
         self.pack_crops: bool | None = None  # None: by device; True/False to force
         self.dino_loss = DINOLoss(cfg.loss.student_temp)
         self.ibot_loss = IBOTPatchLoss(cfg.loss.student_temp)
-        self.gram_teacher = None
-        if cfg.gram.weight > 0:
+        self.koleo_loss = KoLeoLoss(group_size=koleo_group_size)
+        self.gram_teacher = gram_teacher
+        if cfg.gram.weight > 0 and gram_teacher is None:
             g = cfg.gram
             if not g.teacher:
                 raise CheckpointError("gram.weight > 0 needs a Gram teacher: set gram.teacher=RUN_DIR (with "
@@ -190,7 +207,7 @@ class DINOv2MetaArch(nn.Module):
             ibot = self.ibot_loss(patch_logits.float(), targets["ibot"], batch["masks_weight"], n_images)
         else:
             ibot = patch_logits.float().sum() * 0.0
-        koleo = sum(koleo_loss(crop_cls) for crop_cls in global_cls.float().chunk(2))
+        koleo = sum(self.koleo_loss(crop_cls) for crop_cls in global_cls.float().chunk(2))
         loss = w.dino_weight * dino + w.ibot_weight * ibot + w.koleo_weight * koleo
         extra = {}
         if self.gram_teacher is not None:

@@ -1,0 +1,367 @@
+"""Distillation (DINOv3): one frozen teacher, several students sharing its forward pass.
+
+    frozen teacher (trained backbone + its DINO and iBOT heads, eval mode, no gradients)
+    global crops [2B,3,G,G] -> CLS -> DINO head -> Sinkhorn-Knopp -> P_cls [2, B, K]
+                               patches at the iBOT positions -> iBOT head -> Sinkhorn-Knopp -> P_patch [M, K']
+          | one teacher pass per step, shared by every student
+    student_i (own optimiser, own EMA copy): global crops (NOT masked) + local crops
+        DINO(CLS logits of global and local crops, P_cls) + iBOT(patch logits at the same positions, P_patch)
+        + 0.1 KoLeo(student CLS of each global crop)                                  (no Gram term)
+
+The iBOT positions are the masks of the usual collate (10-50% of the patches of about half the global
+crops), but the student's input is not masked: it is scored at those positions only. Each student keeps
+an EMA copy, which is what is saved, evaluated (kNN) and exported. Run it with the usual CLI:
+
+    python -m dinolite.train --config tiny-cpu-distill --data textures:n=10000,size=32 \\
+        --output-dir runs/distill teacher.checkpoint=book/weights/textures_p8_teacher.pth
+
+Output: checkpoints of all students (exact resume), config.yaml, metrics.jsonl and, at the end,
+<output-dir>/<student name>/backbone_official.pth (the EMA backbone; main student: "student").
+"""
+import contextlib
+import math
+import os
+import time
+
+import torch
+from torch import nn
+
+from dinolite import distributed
+from dinolite.centering import sinkhorn_knopp
+from dinolite.ema import ema_update_, make_teacher
+from dinolite.losses import DINOLoss, IBOTPatchLoss, koleo_loss
+from dinolite.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from dinolite.train.config import Config, apply_overrides, config_from_dict, config_to_dict, get_config, parse_students
+from dinolite.train.data import _MODEL, StepBatches, derive_seed, move_batch
+from dinolite.train.meta_arch import build_student
+from dinolite.train.optim import StepValues, apply_schedule_, build_optimizer, schedule_values
+
+
+def student_configs(cfg: Config) -> dict[str, Config]:
+    """{"student": cfg, name: cfg with that student's model overrides, ...} in the order of teacher.students."""
+    out = {"student": cfg}
+    for name, overrides in parse_students(cfg.teacher.students):
+        out[name] = apply_overrides(cfg, overrides)
+    return out
+
+
+class FrozenTeacher(nn.Module):
+    """A trained backbone with its DINO and iBOT heads, never updated: eval mode, no gradients."""
+
+    def __init__(self, modules: nn.ModuleDict, cfg: Config):
+        super().__init__()
+        self.backbone, self.dino_head, self.ibot_head = modules.backbone, modules.dino_head, modules.ibot_head
+        self.cfg = cfg
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def targets(self, batch: dict, teacher_temp: float, autocast=contextlib.nullcontext) -> dict:
+        """Sinkhorn-Knopp-centred targets (fp32): dino [2, B, K] for the global crops' CLS, ibot [M, K'] at
+        batch["mask_indices"] (positions in the flattened [2B * N] patch grid)."""
+        global_crops, positions = batch["global_crops"], batch["mask_indices"]
+        with autocast():
+            out = self.backbone.forward_features(global_crops)
+            cls_logits = self.dino_head(out["x_norm_clstoken"])
+            patch_logits = self.ibot_head(out["x_norm_patchtokens"].flatten(0, 1)[positions])
+        dino = sinkhorn_knopp(cls_logits.float(), teacher_temp)  # both global crops centred together
+        ibot = sinkhorn_knopp(patch_logits.float(), teacher_temp) if len(positions) else patch_logits.float()
+        return dict(dino=dino.view(2, global_crops.shape[0] // 2, -1), ibot=ibot)
+
+
+def load_frozen_teacher(cfg: Config, device="cpu") -> FrozenTeacher:
+    """The frozen teacher of cfg.teacher: a dinolite run directory ("RUN" or "RUN@STEP": its EMA teacher), a
+    dinolite checkpoint file, or a file {"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}} whose backbone
+    keys may be in the official layout (then teacher.config names its architecture). Loaded strictly."""
+    from dinolite import hub
+
+    source = cfg.teacher.checkpoint
+    run, _, step = source.rpartition("@")
+    path = resolve_checkpoint(run, int(step)) if run and step.isdigit() else resolve_checkpoint(source)
+    state = load_checkpoint(path)
+    if "config" in state:
+        teacher_cfg = config_from_dict(state["config"])
+    elif cfg.teacher.config:
+        teacher_cfg = get_config(cfg.teacher.config)
+    else:
+        raise CheckpointError(f"{path} holds no config: set teacher.config=<the teacher's recipe or YAML file>")
+    weights = state.get("teacher", state.get("model", state))
+    modules = build_student(teacher_cfg)
+    try:
+        hub.load_official(modules.backbone, weights)
+        heads = {k: v for k, v in weights.items() if k.startswith(("dino_head.", "ibot_head."))}
+        if teacher_cfg.head.share_heads:  # a saved shared head appears under both names; either is enough
+            heads.update({"ibot_head." + k[len("dino_head."):]: v for k, v in heads.items() if k.startswith("dino_head.")})
+        missing = [k for k in modules.state_dict() if k.startswith(("dino_head.", "ibot_head.")) and k not in heads]
+        if missing:
+            raise ValueError(f"no {missing[0].split('.')[0]} weights (distillation needs the teacher's DINO and iBOT "
+                             "heads; released DINOv3 backbones carry none)")
+        nn.ModuleDict({"dino_head": modules.dino_head, "ibot_head": modules.ibot_head}).load_state_dict(heads)
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"teacher {path} does not fit its config: {str(e).strip().splitlines()[0]}") from None
+    return FrozenTeacher(modules, teacher_cfg).to(device)
+
+
+def check_student_fits(teacher_cfg: Config, student_cfg: Config, name: str = "student") -> None:
+    """One-line CheckpointError (a ValueError) when the student's heads or patch size cannot be scored against the
+    teacher's."""
+    checks = (("model.patch_size", teacher_cfg.model.patch_size, student_cfg.model.patch_size, "patch size"),
+              ("head.dino_out_dim", teacher_cfg.head.dino_out_dim, student_cfg.head.dino_out_dim,
+               "DINO head prototype count"),
+              ("head.ibot_out_dim", teacher_cfg.head.ibot_out_dim, student_cfg.head.ibot_out_dim,
+               "iBOT head prototype count"))
+    for key, theirs, ours, what in checks:
+        if theirs != ours:
+            raise CheckpointError(f"the teacher's {what} is {theirs} but {name}'s is {ours}: set {key}={theirs} "
+                             "(a student is scored against the teacher's prototypes, patch by patch)")
+
+
+class DistillArch(nn.Module):
+    """The frozen teacher, the students (ModuleDict name -> backbone/dino_head/ibot_head) and their EMA copies.
+
+    `arch.students["student"]` is the main student (cfg.model); `arch.emas[name]` is what gets exported.
+    """
+
+    def __init__(self, cfg: Config, device="cpu", teacher: FrozenTeacher | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.teacher = teacher if teacher is not None else load_frozen_teacher(cfg, device)
+        self.student_cfgs = student_configs(cfg)
+        self.students, self.emas = nn.ModuleDict(), nn.ModuleDict()
+        for i, (name, student_cfg) in enumerate(self.student_cfgs.items()):
+            check_student_fits(self.teacher.cfg, student_cfg, name)
+            torch.manual_seed(derive_seed(cfg.train.seed, i))
+            self.students[name] = build_student(student_cfg).to(device)
+            self.emas[name] = make_teacher(self.students[name])
+        self.dino_loss = DINOLoss(cfg.loss.student_temp)
+        self.ibot_loss = IBOTPatchLoss(cfg.loss.student_temp)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        self.emas.eval()
+        return self
+
+    def student_losses(self, student: nn.ModuleDict, batch: dict, targets: dict, autocast,
+                       local_dino_weight: float = 1.0) -> dict:
+        """DINO (global + local CLS), iBOT (patches at the target positions, input unmasked), KoLeo (global CLS)."""
+        w = self.cfg.loss
+        global_crops, local_crops, positions = batch["global_crops"], batch["local_crops"], batch["mask_indices"]
+        n_images = global_crops.shape[0]
+        B = n_images // 2
+        crops = [global_crops] if local_crops is None else [global_crops, local_crops]
+        with autocast():
+            outs = student.backbone.forward_features_list(crops, [None] * len(crops))
+            global_cls = outs[0]["x_norm_clstoken"]  # [2B, D]
+            cls_all = torch.cat([o["x_norm_clstoken"] for o in outs])
+            cls_logits = student.dino_head(cls_all).float()
+            patch_logits = student.ibot_head(outs[0]["x_norm_patchtokens"].flatten(0, 1)[positions]).float()
+        K = cls_logits.shape[-1]
+        n_local = len(cls_all) // B - 2
+        student_local = cls_logits[n_images:].view(n_local, B, K) if n_local else None
+        dino = self.dino_loss(cls_logits[:n_images].view(2, B, K), student_local, targets["dino"],
+                              local_weight=local_dino_weight)
+        ibot = (self.ibot_loss(patch_logits, targets["ibot"], batch["masks_weight"], n_images) if len(positions)
+                else patch_logits.sum() * 0.0)
+        koleo = sum(koleo_loss(crop_cls) for crop_cls in global_cls.float().chunk(2))
+        loss = w.dino_weight * dino + w.ibot_weight * ibot + w.koleo_weight * koleo
+        return dict(loss=loss, dino=dino.detach(), ibot=ibot.detach(), koleo=koleo.detach())
+
+    def forward_losses(self, batch: dict, teacher_temp: float, autocast=contextlib.nullcontext,
+                       local_dino_weight: float = 1.0) -> dict[str, dict]:
+        """{student name: its loss terms}; the teacher runs once for all of them."""
+        targets = self.teacher.targets(batch, teacher_temp, autocast)
+        return {name: self.student_losses(student, batch, targets, autocast, local_dino_weight)
+                for name, student in self.students.items()}
+
+
+def build_optimizers(arch: DistillArch) -> dict[str, torch.optim.Optimizer]:
+    """One AdamW per student (its own layer-wise decay depth), so gradient clipping stays per student."""
+    return {name: build_optimizer(arch.students[name], student_cfg) for name, student_cfg in arch.student_cfgs.items()}
+
+
+def distill_step(arch: DistillArch, optimizers: dict, batch: dict, step: int, values: StepValues, seed: int = 0,
+                 clip_grad: float = 3.0, rank: int = 0, autocast=contextlib.nullcontext) -> dict[str, dict]:
+    """One step for every student: one teacher pass, backward, clip (per student), AdamW, EMA update."""
+    torch.manual_seed(derive_seed(seed, step, rank, _MODEL))
+    arch.train()
+    for optimizer in optimizers.values():
+        apply_schedule_(optimizer, values)
+        optimizer.zero_grad(set_to_none=True)
+    outs = arch.forward_losses(batch, values.teacher_temp, autocast, values.local_dino_weight)
+    sum(out["loss"] for out in outs.values()).backward()  # the students share no parameter
+    for name, out in outs.items():
+        params = [p for p in arch.students[name].parameters() if p.grad is not None]
+        out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else math.inf).detach()
+        optimizers[name].step()
+        ema_update_(arch.emas[name], arch.students[name], values.momentum)
+        out["loss"] = out["loss"].detach()
+    return outs
+
+
+def distill_state(arch: DistillArch, optimizers: dict, step: int, cfg: Config) -> dict:
+    return {"step": step, "config": config_to_dict(cfg),
+            "students": {name: s.state_dict() for name, s in arch.students.items()},
+            "emas": {name: e.state_dict() for name, e in arch.emas.items()},
+            "optimizers": {name: o.state_dict() for name, o in optimizers.items()}}
+
+
+def train_distill(cfg: Config, data, output_dir=None, stop_at_step=None, knn_data="auto", device=None,
+                  progress=None, teacher: FrozenTeacher | None = None, continue_from: str | None = None) -> DistillArch:
+    """Distil cfg.teacher's teacher into the student(s); called by dinolite.train.train when teacher.checkpoint
+    is set. Same arguments as train (plus an already loaded `teacher`); returns the DistillArch with
+    `history`, `completed_steps`, `total_steps`. Resumes from output_dir's newest checkpoint. continue_from
+    ("RUN[@STEP]" or a file of another distillation run): start the same students from its weights and EMA copies
+    with fresh optimisers at step 0 of this config (e.g. a high-resolution stage with crops.size_pairs)."""
+    from dinolite.data import build_dataset
+    from dinolite.hub import export_official
+    from dinolite.train.config import save_config
+    from dinolite.train.loop import (
+        _TORCHVISION_KINDS,
+        OutputDirError,
+        _check_resume_config,
+        _Logger,
+        knn_accuracy,
+        knn_datasets,
+        make_autocast,
+        resolve_device,
+    )
+
+    t = cfg.train
+    device = resolve_device(device or t.device)
+    progress = t.progress if progress is None else progress
+    if distributed.get_world_size() > 1:
+        raise NotImplementedError("distillation runs in a single process here (the students share one teacher pass)")
+    dataset = build_dataset(data) if isinstance(data, str) else data
+    if knn_data == "auto":
+        has_test_split = isinstance(data, str) and data.split(":")[0] in _TORCHVISION_KINDS
+        knn_data = knn_datasets(data if has_test_split else dataset, cfg)
+    epoch_length = t.epoch_length or max(1, len(dataset) // t.batch_size)
+    total_steps = t.epochs * epoch_length
+    arch = DistillArch(cfg, device, teacher)
+    optimizers = build_optimizers(arch)
+
+    start_step = 0
+    if output_dir:
+        if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+            raise OutputDirError(f"output directory {output_dir} is a file; give the path of a directory")
+        os.makedirs(output_dir, exist_ok=True)
+        path = latest_checkpoint(output_dir)
+        if path:
+            _check_resume_config(output_dir, cfg)
+            state = load_checkpoint(path, map_location=device)
+            for name in arch.students:
+                arch.students[name].load_state_dict(state["students"][name])
+                arch.emas[name].load_state_dict(state["emas"][name])
+                optimizers[name].load_state_dict(state["optimizers"][name])
+            start_step = int(state["step"])
+            print(f"resuming from step {start_step} (checkpoint {path})")
+        save_config(cfg, os.path.join(output_dir, "config.yaml"))
+    if continue_from and start_step == 0:
+        run, _, at = continue_from.rpartition("@")
+        source = resolve_checkpoint(run, int(at)) if run and at.isdigit() else resolve_checkpoint(continue_from)
+        state = load_checkpoint(source, map_location=device)
+        try:
+            for name in arch.students:
+                arch.students[name].load_state_dict(state["students"][name])
+                arch.emas[name].load_state_dict(state["emas"][name])
+        except (KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{source} does not hold student {name!r} of this config ({type(e).__name__}): "
+                                  "continue a distillation run with the same students") from None
+    batches = StepBatches(dataset, cfg, total_steps, start_step)
+    end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
+    logger = _Logger(output_dir, t.tensorboard, True)
+    autocast = make_autocast(device, t.precision)
+
+    def evaluate_knn(step):
+        if knn_data is not None:
+            record = {f"knn_top1/{name}": knn_accuracy(ema.backbone, knn_data, k=t.knn_k)
+                      for name, ema in arch.emas.items()}
+            logger.log({"step": step, "knn_top1": record["knn_top1/student"], **record})
+
+    if start_step == 0 and t.knn_every and start_step < end_step:
+        evaluate_knn(0)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=t.num_workers,
+                                         pin_memory=device.type == "cuda")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=end_step, initial=start_step, desc="distilling", dynamic_ncols=True)
+    step, tic, last = start_step, time.perf_counter(), start_step
+    if start_step < end_step:
+        for batch in loader:
+            step = batch["step"]
+            values = schedule_values(cfg, step, total_steps, epoch_length, t.batch_size)
+            outs = distill_step(arch, optimizers, move_batch(batch, device), step, values, seed=t.seed,
+                                clip_grad=cfg.optim.clip_grad, autocast=autocast)
+            done = step + 1
+            if done % t.log_every == 0 or done == end_step:
+                elapsed, tic = time.perf_counter() - tic, time.perf_counter()
+                record = {"step": done, "lr": values.lr, "momentum": values.momentum,
+                          "teacher_temp": values.teacher_temp,
+                          "images_per_s": t.batch_size * (done - last) / elapsed}
+                for name, out in outs.items():
+                    suffix = "" if name == "student" else f"/{name}"
+                    record.update({f"{k}{suffix}": out[k].item() for k in ("loss", "dino", "ibot", "koleo", "grad_norm")})
+                last = done
+                logger.log(record)
+                if not all(math.isfinite(out["loss"].item()) for out in outs.values()):
+                    raise FloatingPointError(f"a student's loss is not finite at step {done}: lower optim.base_lr")
+                if bar:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if t.knn_every and done % t.knn_every == 0 and done != end_step:
+                evaluate_knn(done)
+            if output_dir and (done % t.checkpoint_every == 0 or done == end_step):
+                save_checkpoint(distill_state(arch, optimizers, done, cfg), output_dir, done, t.keep_last)
+            if bar:
+                bar.update(1)
+            if done >= end_step:
+                break
+        step = end_step
+    if bar:
+        bar.close()
+    finished = step >= total_steps
+    if finished and start_step < total_steps:
+        evaluate_knn(total_steps)
+    if finished and output_dir:
+        for name, ema in arch.emas.items():
+            os.makedirs(os.path.join(output_dir, name), exist_ok=True)
+            torch.save(export_official(ema.backbone), os.path.join(output_dir, name, "backbone_official.pth"))
+    logger.close()
+    arch.history, arch.total_steps, arch.completed_steps = logger.history, total_steps, step
+    return arch
+
+
+def texture_scores(backbone: nn.Module, image_size: int = 32, n_train: int = 1000, n_test: int = 500,
+                   n_dense: tuple[int, int] = (300, 200), seed: int = 100, dense: bool = True) -> dict:
+    """kNN and linear top-1 (%) on [CLS] features of SyntheticTextures, and the dense probe's mIoU (%) on
+    TextureMosaics (12 classes, one label per pixel): the instruments of chapter 10 and of the reference teacher.
+    Train and test images come from different generator seeds (seed, seed + 100). Deterministic. dense=False
+    skips the dense probe."""
+    from dinolite.data import EvalTransform, SyntheticTextures, TextureMosaics
+    from dinolite.eval import dense_probe, extract_features, knn_classify, linear_probe
+
+    transform = EvalTransform(None, None)
+    train = extract_features(backbone, SyntheticTextures(n_train, image_size, seed=seed, transform=transform),
+                             progress=False)
+    test = extract_features(backbone, SyntheticTextures(n_test, image_size, seed=seed + 100, transform=transform),
+                            progress=False)
+    knn = knn_classify(train["cls"], train["labels"], test["cls"], test["labels"], k=20)["top1"]
+    linear = linear_probe(train["cls"], train["labels"], test["cls"], test["labels"], num_classes=12)["top1"]
+    scores = {"knn_top1": round(float(knn), 2), "linear_top1": round(float(linear), 2)}
+    if not dense:
+        return scores
+    dense_train, dense_test = (extract_features(backbone, TextureMosaics(n, image_size, seed=s, transform=transform),
+                                                patch_tokens=True, progress=False)
+                               for n, s in ((n_dense[0], seed), (n_dense[1], seed + 100)))
+    probe = dense_probe(dense_train["patch"], dense_train["masks"], dense_test["patch"], dense_test["masks"], 12)
+    return {**scores, "dense_miou": round(float(probe["miou"]), 2)}
