@@ -148,12 +148,14 @@ class DinoliteSide:
         from dinolite.train import DINOv2MetaArch, build_optimizer
         from dinolite.train.data import StepBatches
         from dinolite.train.loop import _one_thread_worker, make_autocast
+        from dinolite.train.precision import resolve_precision
 
         self.cfg = cfg = dinolite_config(args)
         torch.manual_seed(args.seed)
         self.arch = DINOv2MetaArch(cfg)
         self.optimizer = build_optimizer(self.arch.student, cfg)
-        self.autocast = make_autocast(torch.device("cpu"), cfg.train.precision)
+        self.precision = resolve_precision(cfg.train.precision, torch.device("cpu"), cfg)  # auto: probed at this shape
+        self.autocast = make_autocast(torch.device("cpu"), self.precision)
         self.set_horizon(horizon)
         # a loader over far more steps than the budget allows; the loop stops on the clock
         batches = StepBatches(images, cfg, total_steps=10 ** 7)
@@ -313,7 +315,7 @@ def _run_side(side_name: str, args, barrier, results):
     with torch.no_grad():
         after = knn_top1(side.features, knn_sets)
     results[side_name] = dict(steps=step, times=times, cpu_times=cpu_times, horizon=horizon, knn_before=before,
-                              knn_after=after)
+                              knn_after=after, precision=getattr(side, "precision", "fp32"))
 
 
 def quartiles(values):
@@ -360,7 +362,7 @@ def main():
             r = results[name]
             q1, med, q3 = quartiles(r["times"][1:] or r["times"])
             knn = ", ".join(f"{k} {r['knn_before'][k]:.1f} -> {r['knn_after'][k]:.1f}" for k in r["knn_before"])
-            print(f"[{repeat}] {name:>8}: {r['steps']:5d} steps, {med:.3f} s/step (quartiles {q1:.3f}-{q3:.3f}; "
+            print(f"[{repeat}] {name:>8} ({r['precision']}): {r['steps']:5d} steps, {med:.3f} s/step (quartiles {q1:.3f}-{q3:.3f}; "
                   f"schedules over {r['horizon']} steps); kNN top-1 init -> end: {knn}")
         medians = {key: [statistics.median(results[name][key][1:] or results[name][key]) for name in ("dinolite", "Lightly")]
                    for key in ("times", "cpu_times")}
