@@ -489,7 +489,9 @@ def main(argv=None) -> int:
         _check_inputs(gpus, args.gpu, batch, args.activation_checkpointing or "none", mfu, headroom)
         cfg, dcfg = load_scale_config(args.config, args.overrides)
         ac = args.activation_checkpointing or dcfg.activation_checkpointing
-        param_dtype = cfg.train.precision if dcfg.param_dtype == "auto" else dcfg.param_dtype  # as scale/train.py
+        # as scale/train.py; the planner is for GPUs, where train.precision=auto means bf16
+        precision = "bf16" if cfg.train.precision == "auto" else cfg.train.precision
+        param_dtype = precision if dcfg.param_dtype == "auto" else dcfg.param_dtype
         result = plan(cfg, gpus, args.gpu, batch, ac, mfu, headroom, param_dtype=param_dtype)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

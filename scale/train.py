@@ -41,6 +41,7 @@ from dinolite.train.data import _MODEL, StepBatches, derive_seed, move_batch
 from dinolite.train.loop import RESUMABLE_KEYS, OutputDirError, make_autocast
 from dinolite.train.meta_arch import DINOv2MetaArch, build_backbone, build_student, build_student_on_meta_and_init
 from dinolite.train.optim import apply_schedule_, build_optimizer, schedule_values
+from dinolite.train.precision import describe_precision, resolve_precision
 from scale import checkpoint as ckpt
 from scale.config import RESUMABLE_DIST_KEYS, DistConfig, load_scale_config, save_scale_config
 
@@ -187,6 +188,17 @@ def _copy_shards_(target, source) -> None:
         (t.to_local() if isinstance(t, DTensor) else t).copy_(s.to_local() if isinstance(s, DTensor) else s)
 
 
+def precision_on_every_rank(cfg: Config, device: torch.device) -> str:
+    """train.precision with "auto" resolved ("bf16" or "fp32"), the same on every rank: rank 0 decides
+    (dinolite.train.precision.resolve_precision; on a CPU that may time a probe, which could differ between
+    processes) and broadcasts its choice."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    choice = [resolve_precision("auto", device, cfg) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
 def build_sharded_arch(cfg: Config, dcfg: DistConfig, device: torch.device) -> DINOv2MetaArch:
     """The DINOv2MetaArch with FSDP2-sharded student, EMA teacher and (gram.weight > 0) Gram teacher.
 
@@ -195,7 +207,7 @@ def build_sharded_arch(cfg: Config, dcfg: DistConfig, device: torch.device) -> D
     one process) and broadcasts it into the shards; the teacher then copies the student shard by shard.
     """
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    param_dtype = dcfg.param_dtype if dcfg.param_dtype != "auto" else cfg.train.precision
+    param_dtype = dcfg.param_dtype if dcfg.param_dtype != "auto" else precision_on_every_rank(cfg, device)
     param_dtype = None if param_dtype == "fp32" else _DTYPE[param_dtype]
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=_DTYPE[dcfg.reduce_dtype])
     with torch.device("meta"):
@@ -416,7 +428,10 @@ def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, st
     batches = StepBatches(dataset, cfg, total_steps, start_step, rank, world_size)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=t.num_workers,
                                          pin_memory=device.type == "cuda")
-    autocast = make_autocast(device, t.precision)
+    precision = precision_on_every_rank(cfg, device)
+    if t.precision == "auto" and is_main:
+        log(describe_precision(t.precision, device, cfg))
+    autocast = make_autocast(device, precision)
     history, nonfinite = [], 0
     bar = None
     if progress and is_main:

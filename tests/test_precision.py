@@ -75,3 +75,20 @@ def test_probe_measures_a_positive_ratio():
     speedup = P.bf16_probe_speedup(32, 2, 4, 17, repeats=1)
     assert speedup > 0
     assert P.bf16_probe_speedup(32, 2, 4, 17, repeats=1) == speedup  # cached per process
+
+
+def _precision_chosen_per_rank(rank, world_size):
+    import scale.train
+    from dinolite.train.config import get_config
+
+    # A probe that disagrees between processes (as timings on a busy machine can): rank 0's choice must win.
+    scale.train.resolve_precision = lambda precision, device, cfg=None: "bf16" if rank == 0 else "fp32"
+    cfg = get_config("tiny-cpu")
+    cfg.train.precision = "auto"
+    return scale.train.precision_on_every_rank(cfg, torch.device("cpu"))
+
+
+def test_scale_resolves_auto_once_for_every_rank():
+    from tests.distributed_utils import run_distributed
+
+    assert run_distributed(_precision_chosen_per_rank, world_size=2) == ["bf16", "bf16"]
