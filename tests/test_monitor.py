@@ -157,3 +157,20 @@ def test_below_start_warning_after_two_evaluations_in_a_row_once():
     assert "loss.teacher_temp" in said[4]
     with pytest.raises(ValueError, match="patience"):
         BelowStartWarning("kNN", patience=0)
+    with pytest.raises(ValueError, match="fraction"):
+        BelowStartWarning("rank", fraction=0)
+
+
+def test_below_start_warning_with_a_fraction_ignores_a_healthy_dip():
+    from dinolite.monitor import BelowStartWarning
+
+    # The effective rank of a healthy small-photos run on textures (first monitor steps, measured): a dip
+    # to 0.73 x the first value, then growth. With fraction 0.5 it is not a warning; a collapse to a few
+    # dimensions is, after two evaluations in a row under 15.19.
+    healthy = [30.38, 26.2, 23.81, 23.76, 23.36, 22.12, 22.24, 22.57, 24.38, 25.33]
+    watch = BelowStartWarning("rank", patience=2, fraction=0.5)
+    assert not any(watch.update(v, step) for step, v in enumerate(healthy))
+    watch = BelowStartWarning("rank", patience=2, fraction=0.5)
+    said = [watch.update(v, step) for step, v in enumerate([30.38, 16.0, 15.0, 4.0, 2.0])]
+    assert [i for i, message in enumerate(said) if message] == [3]
+    assert "below 0.5 x its first value 30.38" in said[3]

@@ -419,7 +419,7 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
 
     # Early warnings: kNN (from its value at initialisation) or the features' effective rank falling.
     knn_watch = BelowStartWarning("the teacher's kNN top-1 (%)")
-    rank_watch = BelowStartWarning("the effective rank of the student's [CLS] features")
+    rank_watch = BelowStartWarning("the effective rank of the student's [CLS] features", fraction=0.5)
     if start_step > 0:
         knn_watch.start = _first_logged(output_dir, "knn_top1")  # None: this resumed run takes its first as reference
 
