@@ -271,6 +271,7 @@ def _trace(cfg: Config, batch: int, dtype: torch.dtype = torch.bfloat16, count_f
             torch.set_default_dtype(dtype)
             with no_init, no_move:
                 arch = DINOv2MetaArch(arch_cfg)
+                arch.pack_crops = True  # as on a GPU: the crop sizes share one pass over the blocks
                 if cfg.gram.weight > 0:
                     arch.gram_teacher = GramTeacher(arch.student.backbone)
         finally:

@@ -126,6 +126,7 @@ def _fsdp_step(rank, world_size, modes):
     for mode in modes:
         torch.manual_seed(0)
         arch = DINOv2MetaArch(cfg)
+        arch.pack_crops = True  # the planner plans for GPUs, where the crop sizes are packed into one pass
         for model, method in ((arch.student, "forward_features_list"), (arch.teacher, "forward_features")):
             for block in model.backbone.blocks:
                 apply_activation_checkpointing(block, mode if model is arch.student else "none")
