@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dinolite.train import DINOv2MetaArch, apply_overrides, build_optimizer, get_config, train_step
 from dinolite.train.data import StepBatches
-from dinolite.train.loop import make_autocast
+from dinolite.train.run import make_autocast
 from dinolite.train.optim import StepValues
 
 

@@ -147,7 +147,7 @@ class DinoliteSide:
     def __init__(self, args, images, horizon: int):
         from dinolite.train import DINOv2MetaArch, build_optimizer
         from dinolite.train.data import StepBatches
-        from dinolite.train.loop import _one_thread_worker, make_autocast
+        from dinolite.train.run import make_autocast, one_thread_worker
         from dinolite.train.precision import resolve_precision
 
         self.cfg = cfg = dinolite_config(args)
@@ -160,7 +160,7 @@ class DinoliteSide:
         # a loader over far more steps than the budget allows; the loop stops on the clock
         batches = StepBatches(images, cfg, total_steps=10 ** 7)
         self.loader = iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers,
-                                                       worker_init_fn=_one_thread_worker))
+                                                       worker_init_fn=one_thread_worker))
 
     def set_horizon(self, horizon: int):
         """The schedules span `horizon` steps, in the recipe's number of epochs."""

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 def load_backbone(checkpoint: str | None, config: str | None, seed: int = 0):
     """(backbone in eval mode, its Config, a description). Loading is strict (dinolite.hub.load_official)."""
     from dinolite.hub import load_official
-    from dinolite.train.config import config_from_dict, get_config
+    from dinolite.train.config import config_from_dict
+    from dinolite.train.recipes import get_config
     from dinolite.train.meta_arch import build_backbone
 
     if checkpoint is None:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinolite import hub
+from dinolite.checkpoint import CheckpointError, resolve_checkpoint
 from dinolite.models import VisionTransformer
 
 
@@ -63,8 +64,6 @@ class GramTeacher(nn.Module):
     def load(self, source: str, step: int | None = None) -> "GramTeacher":
         """Load the backbone from a dinolite run directory (+ step), a dinolite checkpoint, or an
         official-layout file (strictly, via dinolite.hub.load_official). Returns self."""
-        from dinolite.train.checkpoint import CheckpointError, resolve_checkpoint  # here: avoids an import cycle
-
         path = resolve_checkpoint(source, step)
         try:
             hub.load_official(self.backbone, torch.load(path, map_location="cpu", weights_only=False))

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from dinolite.train.config import Config, apply_overrides, config_from_dict, config_to_dict, get_config, set_value
+from dinolite.train.config import Config, apply_overrides, config_from_dict, config_to_dict, set_value
+from dinolite.train.recipes import get_config
 
 
 @dataclass

@@ -18,8 +18,8 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 import torch
 import torch.distributed.checkpoint as dcp
 
+from dinolite.checkpoint import CheckpointError, CheckpointNotFoundError, atomic_save
 from dinolite.hub import export_official
-from dinolite.train.checkpoint import CheckpointError, CheckpointNotFoundError
 from dinolite.train.meta_arch import build_backbone
 from scale import checkpoint as ckpt
 
@@ -41,14 +41,12 @@ def export_teacher(arch, path: str) -> None:
 
     full = ckpt.full_state_dict(arch.teacher.backbone)
     if dist.get_rank() == 0:
-        from dinolite.train.checkpoint import atomic_save
         atomic_save(_official_file(full, arch.cfg), path)
     dist.barrier()
 
 
 def export_checkpoint(run_dir: str, step: int | None = None, out: str | None = None, dtype=None) -> str:
     """The teacher backbone of run_dir's checkpoint `step` (newest if None) -> official-layout .pth; returns its path."""
-    from dinolite.train.checkpoint import atomic_save
     from scale.config import load_scale_config
 
     found = ckpt.list_checkpoints(run_dir)

@@ -45,7 +45,8 @@ import warnings
 import torch
 from torch import nn
 
-from dinolite.train.config import Config, apply_overrides, config_from_dict, config_to_dict, get_config
+from dinolite.train.config import Config, apply_overrides, config_from_dict, config_to_dict
+from scale.parallelize import SELECTIVE_SAVE_OPS  # the trainer's list: plan the policy it runs
 
 MiB, GiB = 2 ** 20, 2 ** 30
 
@@ -68,10 +69,6 @@ _DTYPES = ("bf16", "fp32")
 # Reserved on every GPU, not available to tensors: the CUDA context, NCCL buffers and the caching
 # allocator's fragmentation. A rule of thumb, stated in the output; --headroom changes it.
 DEFAULT_HEADROOM = 0.10
-# The ops whose outputs DINOv3's selective checkpointing keeps (everything else is recomputed).
-_SELECTIVE_SAVE_OPS = {"mm", "addmm", "bmm", "baddbmm", "linear", "_scaled_dot_product_flash_attention",
-                       "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
-                       "_scaled_dot_product_cudnn_attention"}
 
 
 # ----------------------------------------------------------------------------- FSDP2 shard sizes
@@ -252,7 +249,7 @@ def _trace(cfg: Config, batch: int, dtype: torch.dtype = torch.bfloat16, count_f
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if func.overloadpacket.__name__ in _SELECTIVE_SAVE_OPS:
+            if func.overloadpacket.__name__ in SELECTIVE_SAVE_OPS:
                 for t in (out if isinstance(out, (tuple, list)) else [out]):
                     if isinstance(t, torch.Tensor):
                         self.counter.produced_by_matmul.add(t.untyped_storage()._cdata)

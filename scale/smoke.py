@@ -36,10 +36,11 @@ def main(argv=None) -> int:
 
     from dinolite.data import build_dataset
     from dinolite.train.data import StepBatches, move_batch
-    from dinolite.train.loop import make_autocast
+    from dinolite.train.run import make_autocast
     from dinolite.train.optim import build_optimizer, schedule_values
     from scale.config import load_scale_config
-    from scale.train import build_sharded_arch, init_distributed, train_step
+    from scale.parallelize import build_sharded_arch, init_distributed
+    from scale.train import train_step
 
     overrides = [f"train.batch_size={args.batch_per_gpu}", "dist.activation_checkpointing=full", *args.overrides]
     if args.tiny:

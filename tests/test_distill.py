@@ -9,7 +9,7 @@ import torch
 from dinolite import hub
 from dinolite.train import apply_overrides, get_config
 from dinolite.train.__main__ import main
-from dinolite.train.checkpoint import CheckpointError, CheckpointNotFoundError
+from dinolite.checkpoint import CheckpointError, CheckpointNotFoundError
 from dinolite.train.config import config_to_dict
 from dinolite.train.data import StepBatches
 from dinolite.train.distill import DistillArch, build_optimizers, distill_step, load_frozen_teacher

@@ -101,12 +101,12 @@ def test_linear_probe_on_linearly_separable_features():
 
 
 def test_stacked_sweep_matches_torch_adamw():
-    from dinolite.eval import _train_linear_sweep
+    from dinolite.eval.linear import train_linear_sweep
 
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(50, 5, generator=g), torch.randint(0, 3, (50,), generator=g)
     lrs, wds, epochs = [0.05, 0.2], [0.1, 0.0], 15
-    weights, biases = _train_linear_sweep(x, y, 3, lrs, wds, epochs, seed=7)
+    weights, biases = train_linear_sweep(x, y, 3, lrs, wds, epochs, seed=7)
     for i, (lr, wd) in enumerate(zip(lrs, wds)):
         # slow obvious reference: one nn.Linear, torch.optim.AdamW (no decay on the bias), cosine
         init = 0.01 * torch.randn(5, 3, generator=torch.Generator().manual_seed(7))

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from dinolite import hub
 from dinolite.gram_teacher import GramTeacher, resize_patch_grid
 from dinolite.models import vit_tiny
-from dinolite.train.checkpoint import CheckpointError, resolve_checkpoint, save_checkpoint
+from dinolite.checkpoint import CheckpointError, resolve_checkpoint, save_checkpoint
 
 
 def tiny(seed=0, **kwargs):
@@ -99,7 +99,7 @@ def test_high_resolution_teacher_features_on_the_student_grid():
 
 
 def test_a_teacher_of_another_architecture_is_a_one_line_error(tmp_path):
-    from dinolite.train.checkpoint import CheckpointError
+    from dinolite.checkpoint import CheckpointError
 
     torch.save(hub.export_official(tiny(depth=3)), tmp_path / "deeper.pth")
     with pytest.raises(CheckpointError, match=r"does not fit the model \(unexpected key: blocks\.2\.") as error:

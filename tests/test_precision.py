@@ -4,7 +4,7 @@ import torch
 
 from dinolite.train import apply_overrides, get_config
 from dinolite.train import precision as P
-from dinolite.train.loop import make_autocast
+from dinolite.train.run import make_autocast
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -78,14 +78,14 @@ def test_probe_measures_a_positive_ratio():
 
 
 def _precision_chosen_per_rank(rank, world_size):
-    import scale.train
-    from dinolite.train.config import get_config
+    import scale.parallelize
+    from dinolite.train.recipes import get_config
 
     # A probe that disagrees between processes (as timings on a busy machine can): rank 0's choice must win.
-    scale.train.resolve_precision = lambda precision, device, cfg=None: "bf16" if rank == 0 else "fp32"
+    scale.parallelize.resolve_precision = lambda precision, device, cfg=None: "bf16" if rank == 0 else "fp32"
     cfg = get_config("tiny-cpu")
     cfg.train.precision = "auto"
-    return scale.train.precision_on_every_rank(cfg, torch.device("cpu"))
+    return scale.parallelize.precision_on_every_rank(cfg, torch.device("cpu"))
 
 
 def test_scale_resolves_auto_once_for_every_rank():

@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from dinolite.train.config import apply_overrides, get_config
+from dinolite.train.config import apply_overrides
+from dinolite.train.recipes import get_config
 from scale import plan as P
 from tests.distributed_utils import run_distributed
 
@@ -117,7 +118,7 @@ def _fsdp_step(rank, world_size, modes):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from dinolite.train.meta_arch import DINOv2MetaArch
-    from scale.train import apply_activation_checkpointing  # the trainer's, per block
+    from scale.parallelize import apply_activation_checkpointing  # the trainer's, per block
 
     torch.set_num_threads(1)
     cfg = small_config()

@@ -217,14 +217,14 @@ def test_sharded_gram_teacher_equals_one_process(resumed_and_gram):
 def _grads_by_activation_checkpointing(rank, world):
     from dinolite.data import build_dataset
     from dinolite.train.data import StepBatches
-    from scale import train as scale_train
+    from scale import parallelize
 
     torch.set_num_threads(1)
     grads = {}
     for mode in ("none", "full", "selective"):
         # drop path on: the recomputation must draw the same random subsets (checkpoint restores the RNG state)
         cfg, dcfg = scale_cfg(world, extra=[f"dist.activation_checkpointing={mode}", "model.drop_path_rate=0.3"])
-        arch = scale_train.build_sharded_arch(cfg, dcfg, torch.device("cpu"))
+        arch = parallelize.build_sharded_arch(cfg, dcfg, torch.device("cpu"))
         batch = StepBatches(build_dataset(DATA), cfg, cfg.total_steps, 0, rank, world)[0]
         torch.manual_seed(100 + rank)
         arch.train()
@@ -250,11 +250,11 @@ def _load_state(rank, world, overrides, path):
 
     from dinolite.train.optim import build_optimizer
     from scale import checkpoint as ckpt
-    from scale import train as scale_train
+    from scale import parallelize
 
     torch.set_num_threads(1)
     cfg, dcfg = scale_cfg(world, extra=overrides)
-    arch = scale_train.build_sharded_arch(cfg, dcfg, torch.device("cpu"))
+    arch = parallelize.build_sharded_arch(cfg, dcfg, torch.device("cpu"))
     optimizer = build_optimizer(arch.student, cfg)
     progress = ckpt.load_checkpoint(arch, optimizer, path)
     optim = get_optimizer_state_dict(arch.student, optimizer,

@@ -163,7 +163,8 @@ def test_gram_weight_schedule_hand_computed():
 
 
 def test_gram_and_local_dino_weights_from_config():
-    from dinolite.train.config import apply_overrides, get_config
+    from dinolite.train.config import apply_overrides
+    from dinolite.train.recipes import get_config
     from dinolite.train.optim import schedule_values
 
     cfg = apply_overrides(get_config("tiny-cpu"), ["gram.weight=2.0", "gram.teacher=somewhere", "gram.start_epoch=2",

@@ -11,15 +11,9 @@ from dinolite.data import SyntheticShapes
 from dinolite.hub import load_official
 from dinolite.models import VisionTransformer
 from dinolite.train import DINOv2MetaArch, apply_overrides, get_config, load_config, save_config, train, train_step
-from dinolite.train import loop
+from dinolite.train import loop, run
 from dinolite.train.data import StepBatches
-from dinolite.train.loop import (
-    OutputDirError,
-    _small_batch_warning,
-    intra_op_threads,
-    restore_training_state,
-    training_state,
-)
+from dinolite.train.loop import _small_batch_warning, restore_training_state, training_state
 from dinolite.train.optim import (
     StepValues,
     apply_schedule_,
@@ -28,6 +22,7 @@ from dinolite.train.optim import (
     param_rule,
     schedule_values,
 )
+from dinolite.train.run import OutputDirError, intra_op_threads
 
 # A micro network: 2 blocks of width 32, 64 prototypes, 8 images per step, 2 local crops.
 MICRO = [
@@ -290,7 +285,7 @@ def test_a_directory_without_checkpoint_accepts_a_new_config(tmp_path):
 
 
 def test_auto_threads_leave_one_core_per_data_worker(monkeypatch):
-    monkeypatch.setattr(loop, "available_cores", lambda: 4)
+    monkeypatch.setattr(run, "available_cores", lambda: 4)
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(8)
@@ -318,7 +313,7 @@ class _ReadLog(torch.utils.data.Dataset):
 
 
 def test_training_and_data_worker_threads(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "available_cores", lambda: 3)
+    monkeypatch.setattr(run, "available_cores", lambda: 3)
     step_threads = []
     real_step = loop.train_step
 

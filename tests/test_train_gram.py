@@ -92,7 +92,7 @@ def test_continue_from_starts_at_the_runs_step_with_its_weights(base_run, tmp_pa
 
 
 def test_continue_from_errors_are_clear(base_run, tmp_path):
-    from dinolite.train.checkpoint import CheckpointError
+    from dinolite.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="does not fit this config") as error:
         _run(micro_config("model.depth=3", "train.epochs=3"), tmp_path / "c", continue_from=str(base_run))
@@ -122,7 +122,7 @@ def test_cli_gram_refinement_is_one_command(base_run, tmp_path, capsys):
 
 
 def test_continue_from_a_checkpoint_without_optimiser_state(base_run, tmp_path):
-    from dinolite.train.checkpoint import weights_only_state
+    from dinolite.checkpoint import weights_only_state
 
     full = torch.load(base_run / "checkpoint_00000006.pth", weights_only=False)
     light = weights_only_state(full)

@@ -50,7 +50,7 @@ def test_ema_moves_the_teacher_towards_the_student():
 
 def test_knn_splits_follow_the_training_data_style():
     from dinolite.data import SyntheticShapes
-    from dinolite.train.loop import knn_datasets
+    from dinolite.train.run import knn_datasets
 
     cfg = get_config("tiny-cpu")
     for style in SyntheticShapes.styles:
@@ -67,7 +67,7 @@ def test_knn_splits_follow_the_training_data_style():
 
 def test_knn_splits_of_the_textures_are_new_images_of_the_same_classes():
     from dinolite.data import SyntheticTextures, build_dataset
-    from dinolite.train.loop import knn_datasets
+    from dinolite.train.run import knn_datasets
 
     cfg = get_config("tiny-cpu")
     train_set, test_set = knn_datasets(build_dataset("textures:n=60,size=32,seed=2"), cfg)

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         print("training:", " ".join(command[1:]), flush=True)
         subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
-    from dinolite.train.checkpoint import latest_checkpoint, load_checkpoint
+    from dinolite.checkpoint import latest_checkpoint, load_checkpoint
     from dinolite.train.config import config_to_dict, load_config
     from dinolite.train.distill import texture_scores
     from dinolite.train.meta_arch import build_backbone

@@ -76,7 +76,8 @@ def measure(backbone, cfg, full: bool) -> dict:
     patch-similarity agreement within images and across images (shape patches only)."""
     from dinolite.data import build_dataset
     from dinolite.eval import dense_probe, extract_features, patch_similarity_agreement
-    from dinolite.train.loop import knn_accuracy, knn_datasets
+    from dinolite.eval import knn_accuracy
+    from dinolite.train.run import knn_datasets
 
     knn = knn_accuracy(backbone, knn_datasets(build_dataset(DATA), cfg), k=cfg.train.knn_k)
     train = extract_features(backbone, shapes(EVAL["train_images"], EVAL["train_seed"]), patch_tokens=True, progress=False)
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
         subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     from dinolite import hub
-    from dinolite.train.checkpoint import list_checkpoints
+    from dinolite.checkpoint import list_checkpoints
     from dinolite.train.config import config_to_dict, load_config
     from dinolite.train.meta_arch import build_backbone
 
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
         "train_seconds": train_seconds(RUN_DIR),
         "eval": {**EVAL, "data": "SyntheticShapes style=full (the `builtin` data), EvalTransform(None, None)",
                  "knn": "teacher [CLS], k=20, T=0.07; memory: 1000 training images, queries: 500 of seed "
-                        "1000003 (dinolite.train.loop.knn_datasets)",
+                        "1000003 (dinolite.train.run.knn_datasets)",
                  "dense": "dinolite.eval.dense_probe defaults; mIoU in percent over classes present",
                  "patch_agreement": "dinolite.eval.patch_similarity_agreement, min_purity 0.75; across: "
                                     "200000 random pairs of shape patches of two images"},
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
                                    "sha256": sha256(path), "metrics": metrics_of[step]}
     # The last checkpoint's student, teacher (heads included) and centring state, without the optimiser:
     # chapter 9 continues training from it (train(..., continue_from=...)) with Gram anchoring.
-    from dinolite.train.checkpoint import weights_only_state
+    from dinolite.checkpoint import weights_only_state
 
     path = WEIGHTS / f"{STATE_NAME}.pth"
     torch.save(weights_only_state(torch.load(kept[cfg.total_steps], map_location="cpu", weights_only=False)), path)

@@ -8,16 +8,16 @@
 Command line: python -m dinolite.train --config tiny-cpu --data builtin --output-dir runs/tiny
 """
 from dinolite.train.config import (
-    RECIPES,
     Config,
     apply_overrides,
     config_from_dict,
     config_to_dict,
-    get_config,
     load_config,
     save_config,
     valid_keys,
 )
-from dinolite.train.loop import OutputDirError, train, train_step
+from dinolite.train.loop import train, train_step
+from dinolite.train.run import OutputDirError
 from dinolite.train.meta_arch import DINOv2MetaArch, build_student
+from dinolite.train.recipes import RECIPES, get_config
 from dinolite.train.optim import build_optimizer, build_param_groups, param_rule, schedule_values

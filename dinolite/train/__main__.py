@@ -18,7 +18,8 @@ import argparse
 import sys
 
 from dinolite.data import DATA_SPEC_FORMS, DataError
-from dinolite.train.config import RECIPES, apply_overrides, get_config, valid_keys
+from dinolite.train.config import apply_overrides, valid_keys
+from dinolite.train.recipes import RECIPES, get_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +54,9 @@ def main(argv=None) -> int:
         from dinolite.train.config import config_to_dict
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0
-    from dinolite.train.checkpoint import CheckpointError
-    from dinolite.train.loop import OutputDirError, train
+    from dinolite.checkpoint import CheckpointError
+    from dinolite.train.loop import train
+    from dinolite.train.run import OutputDirError
 
     try:
         arch = train(cfg, args.data, output_dir=args.output_dir, continue_from=args.continue_from)

@@ -26,6 +26,11 @@ def derive_seed(*numbers: int) -> int:
     return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(2, np.uint64)[0] >> 1)
 
 
+def seed_step(seed: int, step: int, rank: int = 0) -> None:
+    """Seed torch's global RNG for the model's random numbers of one step on one rank (drop path, RoPE jitter)."""
+    torch.manual_seed(derive_seed(seed, step, rank, _MODEL))
+
+
 def step_generator(seed: int, step: int, rank: int, tag: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(seed, step, rank, tag))
 

@@ -21,26 +21,35 @@ Output: checkpoints of all students (exact resume), config.yaml, metrics.jsonl a
 import contextlib
 import math
 import os
-import time
 
 import torch
 from torch import nn
 
-from dinolite import distributed
+from dinolite import distributed, hub
 from dinolite.centering import sinkhorn_knopp
+from dinolite.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from dinolite.data import EvalTransform, SyntheticTextures, TextureMosaics
 from dinolite.ema import ema_update_, make_teacher
+from dinolite.eval import dense_probe, extract_features, knn_accuracy, knn_classify, linear_probe
 from dinolite.losses import DINOLoss, IBOTPatchLoss, koleo_loss
-from dinolite.train.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    load_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-)
-from dinolite.train.config import Config, apply_overrides, config_from_dict, config_to_dict, get_config, parse_students
-from dinolite.train.data import _MODEL, StepBatches, derive_seed, move_batch
+from dinolite.train.config import Config, apply_overrides, config_from_dict, config_to_dict, parse_students
+from dinolite.train.data import StepBatches, derive_seed, move_batch, seed_step
 from dinolite.train.meta_arch import build_student
 from dinolite.train.optim import StepValues, apply_schedule_, build_optimizer, schedule_values
+from dinolite.train.recipes import get_config
+from dinolite.train.run import (
+    Cadence,
+    MetricsLog,
+    RunDir,
+    Steps,
+    Throughput,
+    make_autocast,
+    make_loader,
+    resolve_device,
+    run_length,
+    save_config_to,
+    training_data,
+)
 
 
 def student_configs(cfg: Config) -> dict[str, Config]:
@@ -82,11 +91,7 @@ def load_frozen_teacher(cfg: Config, device="cpu") -> FrozenTeacher:
     """The frozen teacher of cfg.teacher: a dinolite run directory ("RUN" or "RUN@STEP": its EMA teacher), a
     dinolite checkpoint file, or a file {"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}} whose backbone
     keys may be in the official layout (then teacher.config names its architecture). Loaded strictly."""
-    from dinolite import hub
-
-    source = cfg.teacher.checkpoint
-    run, _, step = source.rpartition("@")
-    path = resolve_checkpoint(run, int(step)) if run and step.isdigit() else resolve_checkpoint(source)
+    path = resolve_checkpoint(cfg.teacher.checkpoint)
     state = load_checkpoint(path)
     if "config" in state:
         teacher_cfg = config_from_dict(state["config"])
@@ -192,7 +197,7 @@ def build_optimizers(arch: DistillArch) -> dict[str, torch.optim.Optimizer]:
 def distill_step(arch: DistillArch, optimizers: dict, batch: dict, step: int, values: StepValues, seed: int = 0,
                  clip_grad: float = 3.0, rank: int = 0, autocast=contextlib.nullcontext) -> dict[str, dict]:
     """One step for every student: one teacher pass, backward, clip (per student), AdamW, EMA update."""
-    torch.manual_seed(derive_seed(seed, step, rank, _MODEL))
+    seed_step(seed, step, rank)
     arch.train()
     for optimizer in optimizers.values():
         apply_schedule_(optimizer, values)
@@ -222,53 +227,30 @@ def train_distill(cfg: Config, data, output_dir=None, stop_at_step=None, knn_dat
     `history`, `completed_steps`, `total_steps`. Resumes from output_dir's newest checkpoint. continue_from
     ("RUN[@STEP]" or a file of another distillation run): start the same students from its weights and EMA copies
     with fresh optimisers at step 0 of this config (e.g. a high-resolution stage with crops.size_pairs)."""
-    from dinolite.data import build_dataset
-    from dinolite.hub import export_official
-    from dinolite.train.config import save_config
-    from dinolite.train.loop import (
-        _TORCHVISION_KINDS,
-        OutputDirError,
-        _check_resume_config,
-        _Logger,
-        knn_accuracy,
-        knn_datasets,
-        make_autocast,
-        resolve_device,
-    )
-
     t = cfg.train
     device = resolve_device(device or t.device)
     progress = t.progress if progress is None else progress
     if distributed.get_world_size() > 1:
         raise NotImplementedError("distillation runs in a single process here (the students share one teacher pass)")
-    dataset = build_dataset(data) if isinstance(data, str) else data
-    if knn_data == "auto":
-        has_test_split = isinstance(data, str) and data.split(":")[0] in _TORCHVISION_KINDS
-        knn_data = knn_datasets(data if has_test_split else dataset, cfg)
-    epoch_length = t.epoch_length or max(1, len(dataset) // t.batch_size)
-    total_steps = t.epochs * epoch_length
+    dataset, knn_data = training_data(data, cfg, knn_data)
+    epoch_length, total_steps = run_length(cfg, dataset)
     arch = DistillArch(cfg, device, teacher)
     optimizers = build_optimizers(arch)
 
+    run_dir = RunDir(output_dir)
     start_step = 0
-    if output_dir:
-        if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-            raise OutputDirError(f"output directory {output_dir} is a file; give the path of a directory")
-        os.makedirs(output_dir, exist_ok=True)
-        path = latest_checkpoint(output_dir)
-        if path:
-            _check_resume_config(output_dir, cfg)
-            state = load_checkpoint(path, map_location=device)
-            for name in arch.students:
-                arch.students[name].load_state_dict(state["students"][name])
-                arch.emas[name].load_state_dict(state["emas"][name])
-                optimizers[name].load_state_dict(state["optimizers"][name])
-            start_step = int(state["step"])
-            print(f"resuming from step {start_step} (checkpoint {path})")
-        save_config(cfg, os.path.join(output_dir, "config.yaml"))
+    path = run_dir.latest_checkpoint()
+    if path:
+        run_dir.check_config(cfg)
+        state = load_checkpoint(path, map_location=device)
+        for name in arch.students:
+            arch.students[name].load_state_dict(state["students"][name])
+            arch.emas[name].load_state_dict(state["emas"][name])
+            optimizers[name].load_state_dict(state["optimizers"][name])
+        start_step = int(state["step"])
+        print(f"resuming from step {start_step} (checkpoint {path})")
     if continue_from and start_step == 0:
-        run, _, at = continue_from.rpartition("@")
-        source = resolve_checkpoint(run, int(at)) if run and at.isdigit() else resolve_checkpoint(continue_from)
+        source = resolve_checkpoint(continue_from)
         state = load_checkpoint(source, map_location=device)
         try:
             for name in arch.students:
@@ -278,66 +260,51 @@ def train_distill(cfg: Config, data, output_dir=None, stop_at_step=None, knn_dat
             raise CheckpointError(f"{source} does not hold student {name!r} of this config ({type(e).__name__}): "
                                   "continue a distillation run with the same students") from None
     batches = StepBatches(dataset, cfg, total_steps, start_step)
+    run_dir.start(start_step, save_config_to(cfg))
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
-    logger = _Logger(output_dir, t.tensorboard, True)
+    log = MetricsLog(run_dir, t.tensorboard)
+    cadence = Cadence(t, end_step)
     autocast = make_autocast(device, t.precision)
 
     def evaluate_knn(step):
         if knn_data is not None:
             record = {f"knn_top1/{name}": knn_accuracy(ema.backbone, knn_data, k=t.knn_k)
                       for name, ema in arch.emas.items()}
-            logger.log({"step": step, "knn_top1": record["knn_top1/student"], **record})
+            log.log({"step": step, "knn_top1": record["knn_top1/student"], **record})
 
     if start_step == 0 and t.knn_every and start_step < end_step:
         evaluate_knn(0)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=t.num_workers,
-                                         pin_memory=device.type == "cuda")
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=end_step, initial=start_step, desc="distilling", dynamic_ncols=True)
-    step, tic, last = start_step, time.perf_counter(), start_step
-    if start_step < end_step:
-        for batch in loader:
-            step = batch["step"]
-            values = schedule_values(cfg, step, total_steps, epoch_length, t.batch_size)
-            outs = distill_step(arch, optimizers, move_batch(batch, device), step, values, seed=t.seed,
-                                clip_grad=cfg.optim.clip_grad, autocast=autocast)
-            done = step + 1
-            if done % t.log_every == 0 or done == end_step:
-                elapsed, tic = time.perf_counter() - tic, time.perf_counter()
-                record = {"step": done, "lr": values.lr, "momentum": values.momentum,
-                          "teacher_temp": values.teacher_temp,
-                          "images_per_s": t.batch_size * (done - last) / elapsed}
-                for name, out in outs.items():
-                    suffix = "" if name == "student" else f"/{name}"
-                    record.update({f"{k}{suffix}": out[k].item() for k in ("loss", "dino", "ibot", "koleo", "grad_norm")})
-                last = done
-                logger.log(record)
-                if not all(math.isfinite(out["loss"].item()) for out in outs.values()):
-                    raise FloatingPointError(f"a student's loss is not finite at step {done}: lower optim.base_lr")
-                if bar:
-                    bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if t.knn_every and done % t.knn_every == 0 and done != end_step:
-                evaluate_knn(done)
-            if output_dir and (done % t.checkpoint_every == 0 or done == end_step):
-                save_checkpoint(distill_state(arch, optimizers, done, cfg), output_dir, done, t.keep_last)
-            if bar:
-                bar.update(1)
-            if done >= end_step:
-                break
-        step = end_step
-    if bar:
-        bar.close()
-    finished = step >= total_steps
+    steps = Steps(make_loader(batches, t.num_workers, device), start_step, end_step, progress, "distilling")
+    throughput = Throughput(t.batch_size, start_step)
+    for step, batch in steps:
+        values = schedule_values(cfg, step, total_steps, epoch_length, t.batch_size)
+        outs = distill_step(arch, optimizers, move_batch(batch, device), step, values, seed=t.seed,
+                            clip_grad=cfg.optim.clip_grad, autocast=autocast)
+        done = step + 1
+        if cadence.log(done):
+            record = {"step": done, "lr": values.lr, "momentum": values.momentum, "teacher_temp": values.teacher_temp,
+                      "images_per_s": throughput(done)}
+            for name, out in outs.items():
+                suffix = "" if name == "student" else f"/{name}"
+                record.update({f"{k}{suffix}": out[k].item() for k in ("loss", "dino", "ibot", "koleo", "grad_norm")})
+            log.log(record)
+            if not all(math.isfinite(out["loss"].item()) for out in outs.values()):
+                raise FloatingPointError(f"a student's loss is not finite at step {done}: lower optim.base_lr")
+            steps.show(loss=record["loss"])
+        if cadence.knn(done):
+            evaluate_knn(done)
+        if run_dir.path and cadence.checkpoint(done):
+            save_checkpoint(distill_state(arch, optimizers, done, cfg), output_dir, done, t.keep_last)
+
+    finished = steps.completed >= total_steps
     if finished and start_step < total_steps:
         evaluate_knn(total_steps)
-    if finished and output_dir:
+    if finished and run_dir.path:
         for name, ema in arch.emas.items():
-            os.makedirs(os.path.join(output_dir, name), exist_ok=True)
-            torch.save(export_official(ema.backbone), os.path.join(output_dir, name, "backbone_official.pth"))
-    logger.close()
-    arch.history, arch.total_steps, arch.completed_steps = logger.history, total_steps, step
+            os.makedirs(run_dir.file(name), exist_ok=True)
+            torch.save(hub.export_official(ema.backbone), os.path.join(run_dir.file(name), "backbone_official.pth"))
+    log.close()
+    arch.history, arch.total_steps, arch.completed_steps = log.history, total_steps, steps.completed
     return arch
 
 
@@ -347,9 +314,6 @@ def texture_scores(backbone: nn.Module, image_size: int = 32, n_train: int = 100
     TextureMosaics (12 classes, one label per pixel): the instruments of chapter 10 and of the reference teacher.
     Train and test images come from different generator seeds (seed, seed + 100). Deterministic. dense=False
     skips the dense probe."""
-    from dinolite.data import EvalTransform, SyntheticTextures, TextureMosaics
-    from dinolite.eval import dense_probe, extract_features, knn_classify, linear_probe
-
     transform = EvalTransform(None, None)
     train = extract_features(backbone, SyntheticTextures(n_train, image_size, seed=seed, transform=transform),
                              progress=False)

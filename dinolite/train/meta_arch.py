@@ -27,7 +27,7 @@ from dinolite.heads import DINOHead
 from dinolite.losses import DINOLoss, IBOTPatchLoss, gram_loss
 from dinolite.losses.koleo import KoLeoLoss
 from dinolite.models import VisionTransformer
-from dinolite.train.checkpoint import CheckpointError
+from dinolite.checkpoint import CheckpointError
 from dinolite.train.config import Config
 
 

@@ -1,4 +1,4 @@
-"""Atomic training checkpoints: write to a temporary file in the same directory, then rename.
+"""Atomic training checkpoints (ground floor: imports nothing from dinolite): write to a temporary file in the same directory, then rename.
 
 `os.replace` within one directory is atomic on POSIX and Windows, so a crash while saving
 leaves either the previous checkpoint or the new one, never a truncated file. Files are
@@ -111,9 +111,18 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The checkpoint file, run directory or step does not exist."""
 
 
+def parse_run_at_step(source: str) -> tuple[str, int | None]:
+    """"runs/x@200" -> ("runs/x", 200); anything else -> (source, None)."""
+    run, _, step = source.rpartition("@")
+    return (run, int(step)) if run and step.isdigit() else (source, None)
+
+
 def resolve_checkpoint(source: str, step: int | None = None) -> str:
     """The checkpoint file `source` itself, or checkpoint_<step>.pth of the run directory `source`
-    (its newest checkpoint if step is None). Errors name what exists."""
+    (its newest checkpoint if step is None). `source` may be "RUN@STEP" (then step must be None).
+    Errors name what exists."""
+    if step is None and not os.path.isfile(source):
+        source, step = parse_run_at_step(source)
     if os.path.isfile(source):
         if step is not None:
             raise CheckpointError(f"{source} is a file; a step ({step}) only selects a checkpoint in a run directory")

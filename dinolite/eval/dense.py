@@ -1,356 +1,19 @@
-"""Evaluate frozen features: kNN, linear probe, dense (segmentation) probe, retrieval.
-
-The papers judge a self-supervised backbone without fine-tuning it: features are extracted
-once with the backbone frozen, then a cheap model is fitted on top.
-
-- weighted kNN (DINO): no training at all; measures whether neighbours in feature space share
-  a label.
-- linear probe: a linear classifier on [CLS] (optionally concatenated with the mean patch
-  token); measures linear separability of the global representation.
-- dense linear probe: a linear layer on every patch token, upsampled to the mask; mIoU.
-  Measures the quality of local features (DINOv3's headline number on ADE20k). `dense_probe`
-  is the version to trust on small data: patch-grid targets, class-balanced loss, a sweep
-  validated on held-out images, per-class IoU, next to `majority_baseline` and a raw-pixel
-  probe (`patchify`).
-- patch-similarity agreement: label-free; does cosine similarity of patch features tell which
-  patches belong to the same object (ROC AUC over patch pairs)?
-- retrieval: nearest neighbours by cosine similarity; mAP and recall@k.
-
-Everything works from plain tensors; `extract_features` produces them from a model.
-"""
+"""Dense evaluation on the patch grid: the linear segmentation probe and mIoU, `dense_probe` (the version to trust on
+small data: patch-grid targets, class-balanced loss, a sweep validated on held-out images, per-class IoU, next to
+`majority_baseline` and a raw-pixel probe `patchify`), and the label-free patch-similarity agreement (ROC AUC over
+patch pairs)."""
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm  # a text bar: in a notebook a widget bar would leave an empty box in the built book
 
+from dinolite.eval.linear import head_from, train_linear_sweep
+from dinolite.eval.retrieval import average_precision
 from dinolite.models import check_image_size
-from dinolite.schedules import cosine_schedule
 
 
-# ---------------------------------------------------------------------------------------------
-# Feature extraction
-# ---------------------------------------------------------------------------------------------
-def image_to_tensor(image, size: int | tuple = 224, patch_size: int | None = None) -> torch.Tensor:
-    """PIL image (or [3, H, W] tensor in [0, 1]) -> ImageNet-normalised tensor [3, H, W] of `size`.
-
-    size: int (a square) or (H, W). With patch_size, H and W must be multiples of it (a ViT cuts
-    the image into whole patches).
-    """
-    import torchvision.transforms.functional as TF
-
-    from dinolite.data.augment import normalize, to_float_tensor
-
-    h, w = (size, size) if isinstance(size, int) else size
-    if patch_size is not None:
-        check_image_size(h, w, patch_size)
-    x = TF.resize(to_float_tensor(image), [h, w], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-    return normalize(x.clamp(0, 1))
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def _split_batch(batch):
-    """A DataLoader batch -> (images, labels or None, masks or None)."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None, None
-    if isinstance(batch, dict):
-        return batch["image"], batch.get("label"), batch.get("mask")
-    if isinstance(batch, (list, tuple)):
-        images = batch[0]
-        labels = batch[1] if len(batch) > 1 else None
-        masks = batch[2] if len(batch) > 2 else None
-        return images, labels, masks
-    raise ValueError(f"cannot read a batch of type {type(batch).__name__}: yield images, (images, labels) or (images, labels, masks)")
-
-
-@torch.inference_mode()
-def extract_features(
-    model: torch.nn.Module,
-    data,
-    batch_size: int = 64,
-    patch_tokens: bool = False,
-    n_last_layers: int | None = None,
-    device=None,
-    amp: bool | None = None,
-    num_workers: int = 0,
-    progress: bool = True,
-) -> dict:
-    """Run a frozen backbone over `data` and collect its features on the CPU (float32).
-
-    data: a Dataset or DataLoader yielding images [3, H, W], (image, label) or
-        (image, label, mask); or a Tensor of images [N, 3, H, W].
-    patch_tokens: also return the final patch tokens as a grid.
-    n_last_layers: also return the [CLS] and patch tokens of the last n blocks
-        (model.get_intermediate_layers, each normalised by the final norm).
-    amp: bf16 autocast; default on for CUDA, off for CPU.
-    Returns dict with
-        cls [N, D] (x_norm_clstoken), labels [N] and masks [N, H, W] when the data has them,
-        patch [N, h, w, D] when patch_tokens, layer_cls [N, n, D] and (with patch_tokens)
-        layer_patch [N, n, h, w, D] when n_last_layers.
-    """
-    if isinstance(data, torch.Tensor):
-        if data.ndim != 4:
-            raise ValueError(f"a tensor of images must be [N, 3, H, W], got shape {tuple(data.shape)}")
-        loader = DataLoader(data, batch_size=batch_size)
-    elif isinstance(data, DataLoader):
-        loader = data
-    elif isinstance(data, Dataset) or hasattr(data, "__getitem__"):
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    else:
-        raise ValueError(f"data must be a Dataset, DataLoader or Tensor, got {type(data).__name__}")
-    device = torch.device(device) if device is not None else _model_device(model)
-    amp = device.type == "cuda" if amp is None else amp
-    was_training = model.training
-    model.eval()
-    outputs = {}
-
-    def add(key, value):
-        outputs.setdefault(key, []).append(value.float().cpu())
-
-    for batch in tqdm(loader, desc="extracting features", disable=not progress):
-        images, labels, masks = _split_batch(batch)
-        images = images.to(device, non_blocking=True)
-        B, _, H, W = images.shape
-        check_image_size(H, W, model.patch_size)
-        h, w = H // model.patch_size, W // model.patch_size
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model.forward_features(images)
-            add("cls", out["x_norm_clstoken"])
-            if patch_tokens:
-                add("patch", out["x_norm_patchtokens"].reshape(B, h, w, -1))
-            if n_last_layers:
-                layers = model.get_intermediate_layers(images, n=n_last_layers, return_class_token=True, norm=True)
-                add("layer_cls", torch.stack([cls for _, cls in layers], dim=1))
-                if patch_tokens:
-                    add("layer_patch", torch.stack([patch.reshape(B, h, w, -1) for patch, _ in layers], dim=1))
-        if labels is not None:
-            add("labels", torch.as_tensor(labels))
-        if masks is not None:
-            add("masks", torch.as_tensor(masks))
-    model.train(was_training)
-    if not outputs:
-        raise ValueError("data is empty")
-    result = {key: torch.cat(values) for key, values in outputs.items()}
-    for key in ("labels", "masks"):
-        if key in result:
-            result[key] = result[key].long()
-    return result
-
-
-def cls_mean_patch(cls: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
-    """Concatenate [CLS] [N, D] with the mean patch token of patch [N, h, w, D] (or [N, P, D]) -> [N, 2D]."""
-    return torch.cat([cls, patch.flatten(1, -2).mean(dim=1)], dim=-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Nearest neighbours (faiss exact inner product, or plain torch)
-# ---------------------------------------------------------------------------------------------
-def _check_2d(x: torch.Tensor, name: str) -> torch.Tensor:
-    x = torch.as_tensor(x)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be [N, D], got shape {tuple(x.shape)}")
-    return x.detach().float().cpu()
-
-
-def search(queries: torch.Tensor, database: torch.Tensor, k: int, backend: str = "faiss", normalize: bool = True, batch_size: int = 4096):
-    """Top-k database rows by inner product (cosine similarity when normalize).
-
-    queries [Q, D], database [N, D] -> (scores [Q, k] descending, indices [Q, k] long).
-    backend: "faiss" (IndexFlatIP, exact) or "torch" (matrix product + topk, in batches).
-    """
-    queries, database = _check_2d(queries, "queries"), _check_2d(database, "database")
-    if queries.shape[1] != database.shape[1]:
-        raise ValueError(f"queries have dim {queries.shape[1]} but the database has dim {database.shape[1]}")
-    if not 1 <= k <= database.shape[0]:
-        raise ValueError(f"k = {k} must be between 1 and the database size {database.shape[0]}")
-    if normalize:
-        queries, database = F.normalize(queries, dim=-1), F.normalize(database, dim=-1)
-    if backend == "faiss":
-        import faiss
-
-        index = faiss.IndexFlatIP(database.shape[1])
-        index.add(np.ascontiguousarray(database.numpy(), dtype=np.float32))
-        scores, indices = index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), k)
-        return torch.from_numpy(scores), torch.from_numpy(indices).long()
-    if backend == "torch":
-        scores, indices = [], []
-        for start in range(0, queries.shape[0], batch_size):
-            s, i = (queries[start : start + batch_size] @ database.T).topk(k, dim=-1)
-            scores.append(s)
-            indices.append(i)
-        return torch.cat(scores), torch.cat(indices)
-    raise ValueError(f"unknown backend {backend!r}: use 'faiss' or 'torch'")
-
-
-def knn_vote(scores: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, temperature: float = 0.07) -> torch.Tensor:
-    """DINO's weighted vote: class score = sum over neighbours of exp(similarity / T) for that class.
-
-    scores [Q, k] cosine similarities, neighbour_labels [Q, k] -> class scores [Q, num_classes].
-    """
-    weights = (scores / temperature).exp()
-    votes = torch.zeros(scores.shape[0], num_classes, dtype=weights.dtype)
-    return votes.scatter_add_(1, neighbour_labels.long(), weights)
-
-
-def knn_classify(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor | None = None,
-    k: int = 20,
-    temperature: float = 0.07,
-    num_classes: int | None = None,
-    backend: str = "faiss",
-) -> dict:
-    """Weighted kNN classifier of DINO (k = 20, T = 0.07, cosine similarity).
-
-    Returns dict(class_scores [Q, C], predictions [Q]) and, with test_labels, top1 accuracy in
-    percent (and top5 when there are more than 5 classes).
-    """
-    train_features = _check_2d(train_features, "train_features")
-    train_labels = torch.as_tensor(train_labels).long().cpu()
-    if train_labels.shape != (train_features.shape[0],):
-        raise ValueError(f"train_labels must be [{train_features.shape[0]}], got {tuple(train_labels.shape)}")
-    num_classes = int(train_labels.max()) + 1 if num_classes is None else num_classes
-    k = min(k, train_features.shape[0])
-    scores, indices = search(test_features, train_features, k, backend=backend)
-    class_scores = knn_vote(scores, train_labels[indices], num_classes, temperature)
-    result = {"class_scores": class_scores, "predictions": class_scores.argmax(dim=-1)}
-    if test_labels is not None:
-        test_labels = torch.as_tensor(test_labels).long().cpu()
-        result["top1"] = 100.0 * (result["predictions"] == test_labels).float().mean().item()
-        if num_classes > 5:
-            top5 = class_scores.topk(5, dim=-1).indices
-            result["top5"] = 100.0 * (top5 == test_labels[:, None]).any(dim=-1).float().mean().item()
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Linear probe
-# ---------------------------------------------------------------------------------------------
-def _train_linear_sweep(x, y, num_classes, lrs, weight_decays, epochs, seed, progress=False, class_weights=None):
-    """Train one linear classifier per (lr, wd) pair at once, full batch, AdamW + cosine schedule.
-
-    x [N, D] (standardised), y [N] -> weights [G, D, C], biases [G, C] for the G pairs.
-    class_weights [C]: weighted cross-entropy (sum of w_y * loss over rows, divided by N).
-    The G classifiers are independent (the loss is their sum, so each gets its own gradient);
-    stacking them turns G small trainings into one, which matters on a CPU where tiny
-    problems are dominated by per-step overhead. AdamW is written out because each
-    classifier has its own lr and weight decay (decay on the weights, not the bias).
-    """
-    G = len(lrs)
-    generator = torch.Generator().manual_seed(seed)
-    weight = (0.01 * torch.randn(x.shape[1], num_classes, generator=generator)).repeat(G, 1, 1).requires_grad_()
-    bias = torch.zeros(G, num_classes, requires_grad=True)
-    lr0 = torch.tensor(lrs, dtype=torch.float32)
-    wd = torch.tensor(weight_decays, dtype=torch.float32)
-    state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in (weight, bias)]
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
-    for step in tqdm(range(1, epochs + 1), desc="linear probe", disable=not progress):
-        logits = torch.einsum("nd,gdc->gnc", x, weight) + bias[:, None, :]
-        loss = F.cross_entropy(logits.reshape(-1, num_classes), y.repeat(G), weight=class_weights,
-                               reduction="sum") / x.shape[0]
-        grads = torch.autograd.grad(loss, (weight, bias))
-        lr = lr0 * cosine_schedule(step - 1, epochs, start=1.0, end=0.0)
-        with torch.no_grad():
-            for p, g, (m, v), decay in ((weight, grads[0], state[0], wd), (bias, grads[1], state[1], torch.zeros_like(wd))):
-                shape = (G,) + (1,) * (p.ndim - 1)
-                m.mul_(beta1).add_(g, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                p.mul_(1 - (lr * decay).view(shape))
-                update = (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt() + eps)
-                p.sub_(lr.view(shape) * update)
-    return weight.detach(), bias.detach()
-
-
-def _head_from(weight, bias):
-    head = torch.nn.Linear(weight.shape[0], weight.shape[1])
-    with torch.no_grad():
-        head.weight.copy_(weight.T)
-        head.bias.copy_(bias)
-    return head
-
-
-def _accuracy(head, x, y):
-    with torch.no_grad():
-        return 100.0 * (head(x).argmax(-1) == y).float().mean().item()
-
-
-class LinearProbe(torch.nn.Module):
-    """Standardise features with training statistics, then a linear layer. forward: [N, D] -> [N, C]."""
-
-    def __init__(self, mean, std, head):
-        super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-        self.head = head
-
-    def forward(self, x):
-        return self.head((x - self.mean) / self.std)
-
-
-def linear_probe(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    num_classes: int | None = None,
-    lrs=(1e-3, 1e-2, 1e-1),
-    weight_decays=(0.0, 1e-3, 1e-1),
-    epochs: int = 100,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    progress: bool = False,
-) -> dict:
-    """Linear classifier on frozen features with a small lr / weight-decay sweep.
-
-    Features [N, D] are standardised with the training mean/std (an affine map, so the probe is
-    still linear in the raw features). Each (lr, wd) is trained full-batch with AdamW and a cosine
-    schedule on (1 - val_fraction) of the training set and scored on the held-out rest; the best
-    pair is retrained on the whole training set and evaluated on the test set. All pairs of the
-    sweep train together as one stacked tensor (see _train_linear_sweep).
-    Returns dict(top1 (percent), val_top1, lr, weight_decay, probe (LinearProbe), sweep).
-    """
-    x, xt = _check_2d(train_features, "train_features"), _check_2d(test_features, "test_features")
-    y, yt = torch.as_tensor(train_labels).long().cpu(), torch.as_tensor(test_labels).long().cpu()
-    if x.shape[0] != y.shape[0] or xt.shape[0] != yt.shape[0]:
-        raise ValueError("features and labels must have the same number of rows")
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    num_classes = int(max(y.max(), yt.max())) + 1 if num_classes is None else num_classes
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    xs, xts = (x - mean) / std, (xt - mean) / std
-
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, int(round(val_fraction * x.shape[0])))
-    val_idx, fit_idx = perm[:n_val], perm[n_val:]
-    grid = [(lr, wd) for lr in lrs for wd in weight_decays]
-    weights, biases = _train_linear_sweep(xs[fit_idx], y[fit_idx], num_classes, [g[0] for g in grid], [g[1] for g in grid], epochs, seed, progress)
-    sweep = {pair: _accuracy(_head_from(weights[i], biases[i]), xs[val_idx], y[val_idx]) for i, pair in enumerate(grid)}
-    (lr, wd), val_top1 = max(sweep.items(), key=lambda item: item[1])  # first best on ties
-    weights, biases = _train_linear_sweep(xs, y, num_classes, [lr], [wd], epochs, seed, progress)
-    head = _head_from(weights[0], biases[0])
-    return {
-        "top1": _accuracy(head, xts, yt),
-        "val_top1": val_top1,
-        "lr": lr,
-        "weight_decay": wd,
-        "probe": LinearProbe(mean, std, head),
-        "sweep": sweep,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Dense linear probe (semantic segmentation) and mIoU
-# ---------------------------------------------------------------------------------------------
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = 255) -> torch.Tensor:
     """conf[i, j] = number of pixels of true class i predicted as j; pixels == ignore_index skipped."""
     pred, target = torch.as_tensor(pred).flatten().long(), torch.as_tensor(target).flatten().long()
@@ -541,7 +204,7 @@ def _rows_of_images(patch, labels, purity, min_purity, ignore_index):
 
 def _predict_pixels(weight, bias, mean, std, patch, size, batch_size=256):
     """Standardise, apply the linear map, upsample logits bilinearly to size, argmax: [N, H, W]."""
-    head = torch.nn.Sequential(_Standardize(mean, std), _head_from(weight, bias))
+    head = torch.nn.Sequential(_Standardize(mean, std), head_from(weight, bias))
     return _dense_predict(head, patch, size, batch_size)
 
 
@@ -614,7 +277,7 @@ def dense_probe(
         if not standardize:
             mean, std = torch.zeros_like(mean), torch.ones_like(std)
         weights = class_balanced_weights(targets, num_classes, None) if weighting == "balanced" else None
-        W, b = _train_linear_sweep((rows - mean) / std, targets, num_classes, [p[0] for p in pairs],
+        W, b = train_linear_sweep((rows - mean) / std, targets, num_classes, [p[0] for p in pairs],
                                    [p[1] for p in pairs], epochs, seed, progress, class_weights=weights)
         return W, b, mean, std
 
@@ -629,7 +292,7 @@ def dense_probe(
     W, b, mean, std = fit(torch.arange(x.shape[0]), [(lr, wd)], weighting)
     pred = _predict_pixels(W[0], b[0], mean, std, xt, yt.shape[-2:])
     conf = confusion_matrix(pred, yt, num_classes, ignore_index)
-    head = torch.nn.Sequential(_Standardize(mean, std), _head_from(W[0], b[0]))
+    head = torch.nn.Sequential(_Standardize(mean, std), head_from(W[0], b[0]))
     return {**miou_from_confusion(conf), "confusion": conf, "head": head, "lr": lr, "weight_decay": wd,
             "class_weights": weighting, "val_miou": val_miou, "sweep": sweep}
 
@@ -715,66 +378,3 @@ def patch_similarity_agreement(patch: torch.Tensor, masks: torch.Tensor, num_cla
         raise ValueError("no image has pure patches of two segments; lower min_purity or use a finer patch grid")
     return {"auc": float(np.mean(aucs)), "ap": float(np.mean(aps)), "positive_rate": float(np.mean(rates)),
             "images": len(aucs), "pairs": count}
-
-
-# ---------------------------------------------------------------------------------------------
-# Retrieval
-# ---------------------------------------------------------------------------------------------
-def retrieve(queries: torch.Tensor, database: torch.Tensor, k: int = 10, exclude_self: bool = False, backend: str = "faiss"):
-    """Top-k neighbours of each query in the database by cosine similarity.
-
-    exclude_self: queries ARE the database (same rows, same order); drop each query's own row.
-    Returns (scores [Q, k], indices [Q, k]).
-    """
-    if not exclude_self:
-        return search(queries, database, k, backend=backend)
-    if queries.shape[0] != database.shape[0]:
-        raise ValueError("exclude_self needs queries and database to be the same rows")
-    scores, indices = search(queries, database, min(k + 1, database.shape[0]), backend=backend)
-    own = indices == torch.arange(indices.shape[0])[:, None]
-    # Keep the k best that are not the query itself (if ties hid it, drop the last column instead).
-    drop = torch.where(own.any(1), own.float().argmax(1), torch.full((own.shape[0],), own.shape[1] - 1))
-    keep = torch.ones_like(own)
-    keep[torch.arange(own.shape[0]), drop] = False
-    Q = indices.shape[0]
-    return scores[keep].reshape(Q, -1)[:, :k], indices[keep].reshape(Q, -1)[:, :k]
-
-
-def average_precision(relevant: torch.Tensor, num_relevant: int | None = None) -> float:
-    """AP of one ranking: relevant [n] bools in rank order; mean of precision@i over relevant i.
-
-    num_relevant: total relevant items in the database (default: those in the ranking).
-    """
-    relevant = torch.as_tensor(relevant).bool()
-    num_relevant = int(relevant.sum()) if num_relevant is None else num_relevant
-    if num_relevant == 0:
-        return float("nan")
-    ranks = torch.arange(1, relevant.numel() + 1, dtype=torch.float64)
-    precision_at_hits = relevant.cumsum(0)[relevant].double() / ranks[relevant]
-    return (precision_at_hits.sum() / num_relevant).item()
-
-
-def retrieval_metrics(
-    query_features: torch.Tensor,
-    query_labels: torch.Tensor,
-    database_features: torch.Tensor,
-    database_labels: torch.Tensor,
-    ks=(1, 5, 10),
-    exclude_self: bool = False,
-    backend: str = "faiss",
-) -> dict:
-    """mAP over the full ranking and recall@k (a relevant item among the top k), in percent.
-
-    An item is relevant when its label equals the query's. Queries with no relevant item are
-    skipped in mAP. exclude_self as in `retrieve`.
-    """
-    query_labels, database_labels = torch.as_tensor(query_labels).cpu(), torch.as_tensor(database_labels).cpu()
-    n = database_features.shape[0] - (1 if exclude_self else 0)
-    _, indices = retrieve(query_features, database_features, k=n, exclude_self=exclude_self, backend=backend)
-    relevant = database_labels[indices] == query_labels[:, None]
-    aps = [average_precision(row) for row in relevant]
-    aps = [ap for ap in aps if not math.isnan(ap)]
-    result = {"mAP": 100.0 * sum(aps) / max(len(aps), 1)}
-    for k in ks:
-        result[f"recall@{k}"] = 100.0 * relevant[:, :k].any(dim=1).float().mean().item()
-    return result

@@ -1,0 +1,325 @@
+"""The run engine shared by every training loop (dinolite.train.loop, dinolite.train.distill, scale/train.py).
+
+A loop is an explicit for-loop over these pieces; what differs between loops (the model, the step, what a
+checkpoint holds, what is exported) stays in the loop's own file:
+
+    run_dir = RunDir(output_dir)                          # checks the directory, removes killed saves' temp files
+    path = run_dir.latest_checkpoint()                    # resume: check the config, load, start_step = state's step
+    run_dir.start(cfg, start_step)                        # config.yaml; metrics.jsonl cut back to start_step
+    log, cadence = MetricsLog(...), Cadence(cfg.train, end_step)
+    for step, batch in (steps := Steps(make_loader(batches, ...), start_step, end_step, progress)):
+        out = train_step(...)                             # losses, backward, clip, step, EMA: in the loop's file
+        if cadence.log(step + 1): log.log({...})
+        if cadence.checkpoint(step + 1): save ...
+"""
+import contextlib
+import functools
+import json
+import os
+import time
+import warnings
+
+import torch
+
+from dinolite.checkpoint import latest_checkpoint, remove_stale_temp_files
+from dinolite.data import EvalTransform, SyntheticShapes, SyntheticTextures, build_dataset
+from dinolite.train.config import Config, TrainConfig, config_diff, load_config, save_config
+from dinolite.train.precision import resolve_precision
+
+# Run-control keys that may change when resuming: they do not change what is computed.
+RESUMABLE_KEYS = {
+    "train.device", "train.num_workers", "train.threads", "train.progress", "train.tensorboard",
+    "train.log_every", "train.checkpoint_every", "train.keep_last", "train.monitor_every", "train.knn_every",
+}
+TORCHVISION_KINDS = ("cifar10", "stl10", "imagenette")  # --data kinds with their own test split
+
+
+class OutputDirError(ValueError):
+    """The output directory cannot be used for this run (a different config is saved there, or it is a file)."""
+
+
+# ---------------------------------------------------------------------------------------
+# devices, threads, precision
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, e.g. under taskset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def intra_op_threads(threads: int, num_workers: int) -> int:
+    """Threads for the training process's own ops: `threads`, or for 0 (auto) the cores the data workers leave.
+
+    Each DataLoader worker is a process that keeps one core busy decoding and augmenting. With
+    more compute threads than free cores, the threads of one op wait on each other while the
+    workers hold their cores, and a step can take several times longer. Auto never exceeds
+    torch's current setting, so OMP_NUM_THREADS or an earlier torch.set_num_threads still caps it.
+    """
+    if threads > 0:
+        return threads
+    return max(1, min(torch.get_num_threads(), available_cores() - num_workers))
+
+
+def one_thread_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: one compute thread per worker (the training process sizes its own).
+
+    PyTorch's worker loop sets one thread as well; saying it here keeps the whole thread budget in one file.
+    """
+    torch.set_num_threads(1)
+
+
+def make_autocast(device: torch.device, precision: str):
+    """A no-argument context factory: bf16 autocast on CPU or CUDA, or nothing for fp32 ("auto": see
+    dinolite.train.precision.resolve_precision)."""
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------
+# data
+
+
+def run_length(cfg: Config, dataset, world_size: int = 1) -> tuple[int, int]:
+    """(epoch_length, total_steps): train.epoch_length or one pass over the dataset in global batches."""
+    t = cfg.train
+    epoch_length = t.epoch_length or max(1, len(dataset) // (t.batch_size * world_size))
+    return epoch_length, t.epochs * epoch_length
+
+
+def make_loader(batches, num_workers: int, device: torch.device) -> torch.utils.data.DataLoader:
+    """The DataLoader over StepBatches (one item = one collated step), with one compute thread per worker."""
+    return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=num_workers,
+                                       pin_memory=device.type == "cuda", worker_init_fn=one_thread_worker)
+
+
+def knn_datasets(data, cfg: Config):
+    """(train, held-out) datasets of (image tensor, label) for kNN, or None when there are no labels.
+
+    Images are resized and centre-cropped to crops.global_size. Built-in SyntheticShapes and
+    SyntheticTextures: the held-out split is the same generator with another seed (new images,
+    same classes); torchvision datasets: their test split.
+    """
+    size = cfg.crops.global_size
+    transform = EvalTransform(resize_size=size, crop_size=size)
+    t = cfg.train
+    if isinstance(data, (SyntheticShapes, SyntheticTextures)):
+        n_train = t.knn_train_size or len(data)
+        n_test = t.knn_test_size or max(1, len(data) // 5)
+        no_masks = {"return_mask": False} if isinstance(data, SyntheticShapes) else {}
+        train_set = data.replace(num_images=min(n_train, len(data)), transform=transform, **no_masks)
+        test_set = data.replace(num_images=n_test, seed=data.seed + 1_000_003, transform=transform, **no_masks)
+        return train_set, test_set
+    if isinstance(data, str) and data.split(":")[0] in TORCHVISION_KINDS:
+        train_set = build_dataset(data, transform=transform, train=True)
+        test_set = build_dataset(data, transform=transform, train=False)
+        if t.knn_train_size:
+            train_set = torch.utils.data.Subset(train_set, range(min(t.knn_train_size, len(train_set))))
+        if t.knn_test_size:
+            test_set = torch.utils.data.Subset(test_set, range(min(t.knn_test_size, len(test_set))))
+        return train_set, test_set
+    return None
+
+
+def training_data(data, cfg: Config, knn_data="auto"):
+    """(dataset, knn_data) of a run: data is a --data spec or a dataset; knn_data "auto" -> knn_datasets."""
+    dataset = build_dataset(data) if isinstance(data, str) else data
+    if knn_data == "auto":
+        has_test_split = isinstance(data, str) and data.split(":")[0] in TORCHVISION_KINDS
+        knn_data = knn_datasets(data if has_test_split else dataset, cfg)
+    return dataset, knn_data
+
+
+# ---------------------------------------------------------------------------------------
+# the output directory
+
+
+class RunDir:
+    """A run's output directory: checkpoints, config.yaml, metrics.jsonl. path None: nothing is written or resumed.
+
+    Creating it checks the path (a directory, created if missing) and, on the main process, removes the
+    temporary files of checkpoint saves that a killed process left (`remove_stale`: dinolite.checkpoint's for
+    checkpoint_<step>.pth files, scale.checkpoint's for DCP directories).
+    """
+
+    def __init__(self, path: str | None, is_main: bool = True, log=print, latest=latest_checkpoint,
+                 remove_stale=remove_stale_temp_files):
+        self.path, self.is_main, self._latest = path, is_main, latest
+        if not path:
+            return
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise OutputDirError(f"output directory {path} is a file; give the path of a directory "
+                                 "(it is created if missing)")
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise OutputDirError(f"cannot create output directory {path} ({e.strerror}: {e.filename}); "
+                                 "give a path you can write to") from None
+        if is_main:
+            for stale in remove_stale(path):
+                log(f"removed {stale}: the temporary file of a checkpoint save that never finished")
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def latest_checkpoint(self) -> str | None:
+        """The newest checkpoint: only a directory with one holds a run to resume. Without one, a run that failed
+        early (e.g. batch too large for the data) is retried with the new config."""
+        return self._latest(self.path) if self.path else None
+
+    def check_config(self, cfg: Config, load=load_config, allowed=RESUMABLE_KEYS, extra_diff: dict | None = None):
+        """The saved config.yaml must equal cfg but for the `allowed` (run-control) keys."""
+        saved_path = self.file("config.yaml")
+        if not os.path.exists(saved_path):
+            return
+        saved = load(saved_path)
+        saved_cfg = saved[0] if isinstance(saved, tuple) else saved
+        diff = {k: v for k, v in config_diff(saved_cfg, cfg).items() if k not in allowed}
+        diff.update(extra_diff(saved) if callable(extra_diff) else {})
+        if diff:
+            lines = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            raise OutputDirError(f"{self.path} holds a run with a different config ({lines}). Resume with the "
+                                 f"same config, or use a new --output-dir. Only these keys may change on resume: "
+                                 f"{', '.join(sorted(RESUMABLE_KEYS))}")
+
+    def start(self, resumed_step: int, save=None) -> None:
+        """Main process: write config.yaml (save(path)) and cut metrics.jsonl back to the step resumed from, so
+        steps a killed run logged after its last checkpoint are not logged twice (resumed_step 0: removed)."""
+        if not (self.path and self.is_main):
+            return
+        if save is not None:
+            save(self.file("config.yaml"))
+        metrics = self.file("metrics.jsonl")
+        if not os.path.exists(metrics):
+            return
+        if resumed_step == 0:
+            os.remove(metrics)  # left by a run that never checkpointed
+            return
+        with open(metrics) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resumed_step]
+        with open(metrics, "w") as f:
+            f.writelines(kept)
+
+    def first_logged(self, key: str) -> float | None:
+        """The first value of `key` in metrics.jsonl (None if there is none)."""
+        path = self.file("metrics.jsonl") if self.path else ""
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return next((record[key] for record in map(json.loads, f) if key in record), None)
+
+
+def save_config_to(cfg: Config):
+    """A `save` for RunDir.start: path -> config.yaml of cfg."""
+    return functools.partial(save_config, cfg)
+
+
+# ---------------------------------------------------------------------------------------
+# logging and cadence
+
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard when available and asked for) and an in-memory history (every process)."""
+
+    def __init__(self, run_dir: RunDir, tensorboard: bool = False):
+        self.history = []
+        self.path = run_dir.file("metrics.jsonl") if (run_dir.path and run_dir.is_main) else None
+        self.writer = None
+        if tensorboard and self.path:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # optional dependency
+                self.writer = SummaryWriter(run_dir.file("tensorboard"))
+            except ImportError:
+                warnings.warn("train.tensorboard=true but tensorboard is not installed; "
+                              "logging to metrics.jsonl only (pip install tensorboard)", stacklevel=4)
+
+    def log(self, record: dict):
+        self.history.append(record)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.writer:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
+
+
+class Cadence:
+    """When, after `done` completed steps, to log, evaluate kNN and checkpoint (train.*_every; the last step of
+    the run segment always logs and checkpoints; its kNN is the final one, after the loop)."""
+
+    def __init__(self, t: TrainConfig, end_step: int):
+        self.t, self.end_step = t, end_step
+
+    def log(self, done: int) -> bool:
+        return done % self.t.log_every == 0 or done == self.end_step
+
+    def knn(self, done: int) -> bool:
+        return bool(self.t.knn_every) and done % self.t.knn_every == 0 and done != self.end_step
+
+    def monitor(self, done: int) -> bool:
+        return bool(self.t.monitor_every) and (done % self.t.monitor_every == 0 or done == self.end_step)
+
+    def checkpoint(self, done: int) -> bool:
+        return done % self.t.checkpoint_every == 0 or done == self.end_step
+
+
+class Throughput:
+    """Images per second between two calls."""
+
+    def __init__(self, images_per_step: int, start_step: int):
+        self.images_per_step, self.last, self.tic = images_per_step, start_step, time.perf_counter()
+
+    def __call__(self, done: int) -> float:
+        elapsed, self.tic = time.perf_counter() - self.tic, time.perf_counter()
+        rate = self.images_per_step * (done - self.last) / elapsed
+        self.last = done
+        return rate
+
+
+class Steps:
+    """Iterate (step, batch) over the loader for steps [start_step, end_step) with a progress bar (main process).
+
+    After the loop, `completed` is the number of completed steps (end_step once the loop ran). The bar is
+    closed when the loop ends, however it ends.
+    """
+
+    def __init__(self, loader, start_step: int, end_step: int, progress: bool, desc: str = "training"):
+        self.loader, self.start_step, self.end_step = loader, start_step, end_step
+        self.completed = start_step
+        self.bar = None
+        if progress:
+            from tqdm import tqdm  # a text bar: tqdm.auto draws a widget, an empty box in the built book
+            self.bar = tqdm(total=end_step, initial=start_step, desc=desc, dynamic_ncols=True)
+
+    def __iter__(self):
+        try:
+            if self.start_step < self.end_step:
+                for batch in self.loader:
+                    step = batch["step"]
+                    yield step, batch
+                    if self.bar:
+                        self.bar.update(1)
+                    if step + 1 >= self.end_step:
+                        break
+                self.completed = self.end_step
+        finally:
+            if self.bar:
+                self.bar.close()
+
+    def show(self, **values: float) -> None:
+        if self.bar:
+            self.bar.set_postfix({k: f"{v:.3f}" if k != "img_s" else f"{v:.0f}" for k, v in values.items()})
