@@ -17,7 +17,6 @@ from dinolite.data import (
     SyntheticShapes,
     SyntheticTextures,
     build_dataset,
-    make_loader,
 )
 
 
@@ -139,7 +138,7 @@ def test_synthetic_shapes_classes_balanced_and_masks_consistent():
 
 def test_synthetic_shapes_silhouettes_identify_the_class():
     """Same pose, different classes: silhouettes differ. Same class, any pose: areas stay in a band."""
-    from dinolite.data.datasets import _shape_mask
+    from dinolite.data.synthetic import _shape_mask
 
     grid = np.linspace(-1.2, 1.2, 96, dtype=np.float32)
     y, x = np.meshgrid(grid, grid, indexing="ij")
@@ -301,28 +300,3 @@ def test_cifar10_wrapper_reads_a_local_copy(tmp_path, monkeypatch):
     assert len(ds) == 10 and ds.num_classes == 10
     image, label = ds[1]
     assert image.mode == "RGB" and image.size == (32, 32) and label == 7
-
-
-def _collect(loader, epochs=1):
-    out = []
-    for _ in range(epochs):
-        for crops, labels in loader:
-            out.append((crops["global_crops"][0].clone(), labels.clone()))
-    return out
-
-
-def test_make_loader_is_seeded_across_workers():
-    aug = MultiCropAugmentation.from_preset("tiny", n_local=1)
-    ds = SyntheticShapes(num_images=24, image_size=32, transform=aug)
-    collate = torch.utils.data.default_collate
-    a = _collect(make_loader(ds, batch_size=6, collate_fn=collate, num_workers=2, seed=0))
-    b = _collect(make_loader(ds, batch_size=6, collate_fn=collate, num_workers=2, seed=0))
-    c = _collect(make_loader(ds, batch_size=6, collate_fn=collate, num_workers=2, seed=1))
-    assert len(a) == 4
-    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
-    assert not all(torch.equal(x[1], y[1]) for x, y in zip(a, c))  # other shuffle
-    assert sorted(torch.cat([labels for _, labels in a]).tolist()) == sorted(i % 12 for i in range(24))
-    loader = make_loader(ds, batch_size=5)
-    assert loader.drop_last and len(loader) == 4 and not loader.persistent_workers
-    with pytest.raises(ValueError, match="fewer than one batch"):
-        make_loader(ds, batch_size=32)

@@ -1,4 +1,4 @@
-"""Images in: photos for figures, multi-crop augmentation, datasets."""
+"""Images in: photos for figures, multi-crop augmentation, datasets on disk, generated datasets, the --data spec."""
 from dinolite.data.augment import (
     BLUR_PROBABILITIES,
     IMAGENET_MEAN,
@@ -13,22 +13,16 @@ from dinolite.data.augment import (
     to_rgb,
 )
 from dinolite.data.datasets import (
-    DATA_SPEC_FORMS,
     IMAGE_EXTENSIONS,
-    SHAPE_CLASSES,
-    TEXTURE_CLASSES,
     DataError,
     DataNotFoundError,
     ImageFolderDataset,
     ImageListDataset,
-    SyntheticShapes,
-    SyntheticTextures,
-    TextureMosaics,
     TorchvisionDataset,
-    build_dataset,
     cifar10,
     imagenette,
-    make_loader,
     stl10,
 )
 from dinolite.data.photos import PHOTO_NAMES, load_photo, sample_photos
+from dinolite.data.spec import DATA_SPEC_FORMS, build_dataset
+from dinolite.data.synthetic import SHAPE_CLASSES, TEXTURE_CLASSES, SyntheticShapes, SyntheticTextures, TextureMosaics
