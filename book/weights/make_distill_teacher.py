@@ -14,18 +14,14 @@ patch 8) trained longer (500 steps, five times the students' budget) on the buil
    tests/test_reference_weights.py re-checks the hash and the kNN score.
 """
 import argparse
-import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from weights_helper import WEIGHTS, command_line, save_checked, train, train_seconds, update_reference
 
-ROOT = Path(__file__).resolve().parents[2]
-WEIGHTS = Path(__file__).resolve().parent
 RUN_DIR = "runs/distill_teacher"
 DATA = "textures:n=10000,size=32"
 TRAIN_ARGS = [
@@ -35,12 +31,7 @@ TRAIN_ARGS = [
     "train.monitor_every=100", "train.progress=false", "train.seed=0",
 ]
 NAME = "textures_p8_teacher"
-MAX_BYTES = 5 * 1024 * 1024
 QUICK = {"knn_train": 1000, "knn_test": 500, "seed": 100, "tolerance": 0.6}  # the test's re-measurement
-
-
-def sha256(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def quick_knn(backbone) -> float:
@@ -60,20 +51,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-train", action="store_true", help="use the run in runs/distill_teacher as it is")
     args = parser.parse_args(argv)
-    os.chdir(ROOT)
-    torch.set_num_threads(1)
-    command = [sys.executable, "-m", "dinolite.train", *TRAIN_ARGS]
-    if not args.skip_train:
-        print("training:", " ".join(command[1:]), flush=True)
-        subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    train(TRAIN_ARGS, skip=args.skip_train)
 
     from dinolite.checkpoint import latest_checkpoint, load_checkpoint
+    from dinolite.train import apply_overrides, get_config
     from dinolite.train.config import config_to_dict, load_config
-    from dinolite.train.distill import texture_scores
+    from dinolite.train.distill import load_frozen_teacher, texture_scores
     from dinolite.train.meta_arch import build_backbone
-
-    sys.path.insert(0, str(WEIGHTS))
-    from make_reference import train_seconds
 
     cfg = load_config(os.path.join(RUN_DIR, "config.yaml"))
     state = load_checkpoint(latest_checkpoint(RUN_DIR))
@@ -82,12 +66,7 @@ def main(argv=None) -> int:
     teacher = {k: v.half() if v.is_floating_point() else v for k, v in state["teacher"].items()
                if not (cfg.head.share_heads and k.startswith("ibot_head."))}  # a shared head is saved once
     path = WEIGHTS / f"{NAME}.pth"
-    torch.save({"config": config_to_dict(cfg), "step": state["step"], "teacher": teacher}, path)
-    if path.stat().st_size > MAX_BYTES:
-        raise SystemExit(f"{path} is {path.stat().st_size} bytes, over the 5 MB limit for committed weights")
-
-    from dinolite.train import apply_overrides, get_config
-    from dinolite.train.distill import load_frozen_teacher
+    saved = save_checked({"config": config_to_dict(cfg), "step": state["step"], "teacher": teacher}, path)
     loaded = load_frozen_teacher(apply_overrides(get_config("tiny-cpu-distill"), [f"teacher.checkpoint={path}"]))
     torch.manual_seed(cfg.train.seed)
     initial = build_backbone(cfg).eval()
@@ -97,7 +76,7 @@ def main(argv=None) -> int:
     entry = {
         "about": "The distillation teacher of chapter 10 (dinolite), made by book/weights/make_distill_teacher.py: "
                  "{config, step, teacher: backbone.* and dino_head.* (shared with iBOT) in fp16}.",
-        "command": "OMP_NUM_THREADS=1 python -m dinolite.train " + " ".join(TRAIN_ARGS),
+        "command": command_line(TRAIN_ARGS),
         "config": config_to_dict(cfg), "seed": cfg.train.seed, "total_steps": cfg.total_steps,
         "train_seconds": train_seconds(RUN_DIR),
         "eval": "dinolite.train.distill.texture_scores: kNN (k=20) and linear probe on [CLS] of 1000 textures "
@@ -105,13 +84,11 @@ def main(argv=None) -> int:
         "knn_curve_during_training": [{"step": r["step"], "knn_top1": round(r["knn_top1"], 2)} for r in curve],
         "random_init": texture_scores(initial),
         "quick_check": {**QUICK, "knn_top1": quick_knn(loaded.backbone)},
-        "file": path.name, "step": state["step"], "dtype": "float16", "bytes": path.stat().st_size,
-        "sha256": sha256(path), "metrics": texture_scores(loaded.backbone),
+        "file": saved["file"], "step": state["step"], "dtype": "float16", "bytes": saved["bytes"],
+        "sha256": saved["sha256"], "metrics": texture_scores(loaded.backbone),
     }
     entry["measure_seconds"] = round(time.perf_counter() - tic, 1)
-    reference = json.loads((WEIGHTS / "reference.json").read_text())
-    reference["distill_teacher"] = entry
-    (WEIGHTS / "reference.json").write_text(json.dumps(reference, indent=1) + "\n")
+    update_reference({"distill_teacher": entry})
     print(json.dumps({"teacher": entry["metrics"], "random_init": entry["random_init"]}, indent=1))
     return 0
 

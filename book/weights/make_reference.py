@@ -17,18 +17,14 @@ an EARLY and a LATE teacher, so that chapters can start from a trained model ins
    book/weights/reference.json. tests/test_reference_weights.py re-checks the hashes and one metric.
 """
 import argparse
-import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from weights_helper import WEIGHTS, command_line, save_checked, train, train_seconds, update_reference
 
-ROOT = Path(__file__).resolve().parents[2]
-WEIGHTS = Path(__file__).resolve().parent
 RUN_DIR = "runs/reference"
 DATA = "builtin:n=10000,size=32"
 TRAIN_ARGS = [
@@ -40,20 +36,11 @@ TRAIN_ARGS = [
 EARLY_STEP = 250  # the best dense and kNN scores of the run (see reference.json's curve)
 NAMES = {"early": "shapes_p4_early", "late": "shapes_p4_late"}
 STATE_NAME = "shapes_p4_late_state"  # the last checkpoint without optimiser state: to continue training from
-MAX_BYTES = 5 * 1024 * 1024
 
 # Evaluation data: new images of the built-in shapes (other generator seeds than the training data).
 EVAL = {"image_size": 32, "train_images": 600, "train_seed": 100, "test_images": 300, "test_seed": 200}
 # The quick check the test repeats (< 20 s): patch-similarity agreement on few images, nothing fitted.
 QUICK = {"test_images": 100, "test_seed": 200, "min_purity": 0.75, "tolerance": 0.002}
-
-
-def sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def shapes(num_images, seed, size=32):
@@ -124,31 +111,14 @@ def baselines() -> dict:
     return out
 
 
-def train_seconds(run_dir) -> float:
-    """Time spent in training steps (not kNN evaluations), from the throughput logged in metrics.jsonl."""
-    total, last = 0.0, 0
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if "images_per_s" in record:
-                total += (record["step"] - last) * 32 / record["images_per_s"]
-                last = record["step"]
-    return round(total, 1)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-train", action="store_true", help="use the run in runs/reference as it is")
     args = parser.parse_args(argv)
-    os.chdir(ROOT)
-    torch.set_num_threads(1)
-    command = [sys.executable, "-m", "dinolite.train", *TRAIN_ARGS]
-    if not args.skip_train:
-        print("training:", " ".join(command[1:]), flush=True)
-        subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    train(TRAIN_ARGS, skip=args.skip_train)
 
     from dinolite import hub
-    from dinolite.checkpoint import list_checkpoints
+    from dinolite.checkpoint import list_checkpoints, weights_only_state
     from dinolite.train.config import config_to_dict, load_config
     from dinolite.train.meta_arch import build_backbone
 
@@ -168,7 +138,7 @@ def main(argv=None) -> int:
     report = {
         "about": "Teacher backbones of one tiny DINOv2 run on the built-in shapes (dinolite), made by "
                  "book/weights/make_reference.py. Files hold dinolite.hub.export_official(backbone), fp32.",
-        "command": "OMP_NUM_THREADS=1 python -m dinolite.train " + " ".join(TRAIN_ARGS),
+        "command": command_line(TRAIN_ARGS),
         "config": config_to_dict(cfg),
         "seed": cfg.train.seed,
         "total_steps": cfg.total_steps,
@@ -193,29 +163,18 @@ def main(argv=None) -> int:
         report["curve"].append({"step": step, **{k: v for k, v in metrics_of[step].items()
                                                   if not k.startswith("dense_shape") and not k.endswith("_probe")}})
     for role, step in (("early", EARLY_STEP), ("late", cfg.total_steps)):
-        path = WEIGHTS / f"{NAMES[role]}.pth"
-        torch.save(hub.export_official(teacher(step)), path)
-        size = path.stat().st_size
-        if size > MAX_BYTES:
-            raise SystemExit(f"{path} is {size} bytes, over the 5 MB limit for committed weights")
-        report["weights"][role] = {"file": path.name, "step": step, "dtype": "float32", "bytes": size,
-                                   "sha256": sha256(path), "metrics": metrics_of[step]}
+        saved = save_checked(hub.export_official(teacher(step)), WEIGHTS / f"{NAMES[role]}.pth")
+        report["weights"][role] = {"file": saved["file"], "step": step, "dtype": "float32", "bytes": saved["bytes"],
+                                   "sha256": saved["sha256"], "metrics": metrics_of[step]}
     # The last checkpoint's student, teacher (heads included) and centring state, without the optimiser:
     # chapter 9 continues training from it (train(..., continue_from=...)) with Gram anchoring.
-    from dinolite.checkpoint import weights_only_state
-
-    path = WEIGHTS / f"{STATE_NAME}.pth"
-    torch.save(weights_only_state(torch.load(kept[cfg.total_steps], map_location="cpu", weights_only=False)), path)
-    if path.stat().st_size > MAX_BYTES:
-        raise SystemExit(f"{path} is {path.stat().st_size} bytes, over the 5 MB limit for committed weights")
-    report["training_state"] = {"file": path.name, "step": cfg.total_steps, "dtype": "float32",
-                                "bytes": path.stat().st_size, "sha256": sha256(path),
+    state = weights_only_state(torch.load(kept[cfg.total_steps], map_location="cpu", weights_only=False))
+    saved = save_checked(state, WEIGHTS / f"{STATE_NAME}.pth")
+    report["training_state"] = {"file": saved["file"], "step": cfg.total_steps, "dtype": "float32",
+                                "bytes": saved["bytes"], "sha256": saved["sha256"],
                                 "holds": "student, teacher (backbone and heads), centring state, config; no optimiser"}
     report["measure_seconds"] = round(time.perf_counter() - tic, 1)
-    previous = WEIGHTS / "reference.json"
-    if previous.exists() and "distill_teacher" in json.loads(previous.read_text()):  # make_distill_teacher.py's entry
-        report["distill_teacher"] = json.loads(previous.read_text())["distill_teacher"]
-    (WEIGHTS / "reference.json").write_text(json.dumps(report, indent=1) + "\n")
+    update_reference(report)
     print(json.dumps({role: w["metrics"] for role, w in report["weights"].items()}, indent=1))
     return 0
 
