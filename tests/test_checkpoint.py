@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from dinolite.train import checkpoint as ckpt
+from dinolite import checkpoint as ckpt
 
 
 def test_save_load_round_trip(tmp_path):
@@ -75,7 +75,7 @@ def test_keep_last_must_be_positive(tmp_path):
 _KILLED_MID_SAVE = """
 import os, signal, sys
 import torch
-from dinolite.train import checkpoint as ckpt
+from dinolite import checkpoint as ckpt
 
 def dying_save(obj, f, *args, **kwargs):
     f.write(b"half a checkpoint")

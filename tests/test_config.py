@@ -2,16 +2,15 @@
 import pytest
 
 from dinolite.train.config import (
-    RECIPES,
     Config,
     apply_overrides,
     config_diff,
     config_to_dict,
-    get_config,
     load_config,
     save_config,
     valid_keys,
 )
+from dinolite.train.recipes import RECIPES, get_config
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
