@@ -17,7 +17,7 @@ from dinolite.train.config import (
     valid_keys,
 )
 from dinolite.train.loop import train, train_step
-from dinolite.train.run import OutputDirError
 from dinolite.train.meta_arch import DINOv2MetaArch, build_student
-from dinolite.train.recipes import RECIPES, get_config
 from dinolite.train.optim import build_optimizer, build_param_groups, param_rule, schedule_values
+from dinolite.train.recipes import RECIPES, get_config
+from dinolite.train.run import OutputDirError

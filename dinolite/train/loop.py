@@ -1,4 +1,6 @@
-"""The training step (a plain function) and the training loop (resume, logs, checkpoints, export).
+"""The DINOv2 / DINOv3 training step (a plain function) and the training loop: an explicit for-loop over the run
+engine's pieces (dinolite.train.run: output directory, resume, logs, cadence, checkpoints, export). train() is also
+the mode switch: with teacher.checkpoint set it runs distillation (dinolite.train.distill).
 
     arch = train(get_config("tiny-cpu"), "builtin:n=2000,size=32", output_dir="runs/tiny")
 

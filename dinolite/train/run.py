@@ -3,14 +3,16 @@
 A loop is an explicit for-loop over these pieces; what differs between loops (the model, the step, what a
 checkpoint holds, what is exported) stays in the loop's own file:
 
-    run_dir = RunDir(output_dir)                          # checks the directory, removes killed saves' temp files
-    path = run_dir.latest_checkpoint()                    # resume: check the config, load, start_step = state's step
-    run_dir.start(cfg, start_step)                        # config.yaml; metrics.jsonl cut back to start_step
-    log, cadence = MetricsLog(...), Cadence(cfg.train, end_step)
-    for step, batch in (steps := Steps(make_loader(batches, ...), start_step, end_step, progress)):
-        out = train_step(...)                             # losses, backward, clip, step, EMA: in the loop's file
+    run_dir = RunDir(output_dir)                # checks the directory, removes the temp files of killed saves
+    path = run_dir.latest_checkpoint()          # resume: run_dir.check_config(cfg), load, start_step = its step
+    run_dir.start(start_step, save_config_to(cfg))   # config.yaml; metrics.jsonl cut back to start_step
+    log, cadence = MetricsLog(run_dir), Cadence(cfg.train, end_step)
+    steps = Steps(make_loader(batches, num_workers, device), start_step, end_step, progress)
+    for step, batch in steps:
+        out = train_step(...)                   # losses, backward, clip, optimiser step, EMA: in the loop's file
         if cadence.log(step + 1): log.log({...})
-        if cadence.checkpoint(step + 1): save ...
+        if cadence.checkpoint(step + 1): save_checkpoint(...)
+    # steps.completed; the final kNN and the export
 """
 import contextlib
 import functools
