@@ -55,6 +55,20 @@ def _dense_predict(head, patch, size, batch_size):
         return torch.cat([dense_logits(head, patch[i : i + batch_size], size).argmax(1) for i in range(0, patch.shape[0], batch_size)])
 
 
+def check_patches_and_masks(train_patch, train_masks, test_patch, test_masks) -> None:
+    """The dense probes' inputs: patch features [N, h, w, D] and masks [N, H, W] with the same N, per split."""
+    for name, patch, masks in (("train", train_patch, train_masks), ("test", test_patch, test_masks)):
+        if patch.ndim != 4 or masks.ndim != 3 or patch.shape[0] != masks.shape[0]:
+            raise ValueError(f"{name}_patch must be [N, h, w, D] and {name}_masks [N, H, W] with the same N, "
+                             f"got {tuple(patch.shape)} and {tuple(masks.shape)}")
+
+
+def _score(pred: torch.Tensor, masks: torch.Tensor, num_classes: int, ignore_index, head) -> dict:
+    """A dense probe's result: mIoU, per-class IoU, pixel accuracy, the confusion matrix, and the fitted head."""
+    conf = confusion_matrix(pred, masks, num_classes, ignore_index)
+    return {**miou_from_confusion(conf), "confusion": conf, "head": head}
+
+
 def dense_linear_probe(
     train_patch: torch.Tensor,
     train_masks: torch.Tensor,
@@ -78,12 +92,7 @@ def dense_linear_probe(
     training statistics. AdamW, mini-batches, cosine schedule.
     Returns dict(miou, iou, pixel_accuracy, confusion, head).
     """
-    for name, patch, masks in (("train", train_patch, train_masks), ("test", test_patch, test_masks)):
-        if patch.ndim != 4 or masks.ndim != 3 or patch.shape[0] != masks.shape[0]:
-            raise ValueError(
-                f"{name}_patch must be [N, h, w, D] and {name}_masks [N, H, W] with the same N, "
-                f"got {tuple(patch.shape)} and {tuple(masks.shape)}"
-            )
+    check_patches_and_masks(train_patch, train_masks, test_patch, test_masks)
     x, xt = train_patch.float().cpu(), test_patch.float().cpu()
     y, yt = train_masks.long().cpu(), test_masks.long().cpu()
     mean, std = x.flatten(0, 2).mean(0), x.flatten(0, 2).std(0).clamp_min(1e-6)
@@ -108,9 +117,7 @@ def dense_linear_probe(
             optimizer.step()
             schedule.step()
     pred = _dense_predict(linear, xt, yt.shape[-2:], batch_size)
-    conf = confusion_matrix(pred, yt, num_classes, ignore_index)
-    head = torch.nn.Sequential(_Standardize(mean, std), linear)
-    return {**miou_from_confusion(conf), "confusion": conf, "head": head}
+    return _score(pred, yt, num_classes, ignore_index, torch.nn.Sequential(_Standardize(mean, std), linear))
 
 
 class _Standardize(torch.nn.Module):
@@ -249,10 +256,7 @@ def dense_probe(
     for weighting in class_weights:
         if weighting not in ("none", "balanced"):
             raise ValueError(f"class_weights entries must be 'none' or 'balanced', got {weighting!r}")
-    for name, patch, masks in (("train", train_patch, train_masks), ("test", test_patch, test_masks)):
-        if patch.ndim != 4 or masks.ndim != 3 or patch.shape[0] != masks.shape[0]:
-            raise ValueError(f"{name}_patch must be [N, h, w, D] and {name}_masks [N, H, W] with the same N, "
-                             f"got {tuple(patch.shape)} and {tuple(masks.shape)}")
+    check_patches_and_masks(train_patch, train_masks, test_patch, test_masks)
     if train_patch.shape[1:] != test_patch.shape[1:]:
         raise ValueError(f"train and test patch features differ in grid or dim: {tuple(train_patch.shape[1:])} "
                          f"vs {tuple(test_patch.shape[1:])}")
@@ -291,9 +295,8 @@ def dense_probe(
     (lr, wd, weighting), val_miou = max(sweep.items(), key=lambda item: item[1])  # first best on ties
     W, b, mean, std = fit(torch.arange(x.shape[0]), [(lr, wd)], weighting)
     pred = _predict_pixels(W[0], b[0], mean, std, xt, yt.shape[-2:])
-    conf = confusion_matrix(pred, yt, num_classes, ignore_index)
     head = torch.nn.Sequential(_Standardize(mean, std), head_from(W[0], b[0]))
-    return {**miou_from_confusion(conf), "confusion": conf, "head": head, "lr": lr, "weight_decay": wd,
+    return {**_score(pred, yt, num_classes, ignore_index, head), "lr": lr, "weight_decay": wd,
             "class_weights": weighting, "val_miou": val_miou, "sweep": sweep}
 
 
