@@ -11,13 +11,13 @@ pretrained=True reads the released file from torch.hub's cache (<hub dir>/checkp
 A missing or unreadable file is a one-line error naming the file to fetch: nothing is downloaded, ever.
 The model is a dinolite.models.VisionTransformer in eval mode (forward_features, get_intermediate_layers, ...).
 """
-import os
-from pathlib import Path
-
-dependencies = ["torch"]
+dependencies = ["torch"]  # torch.hub lists every public callable here as a model: imports stay inside _load
 
 
 def _load(name: str, weights=None, pretrained: bool = False):
+    import os
+    from pathlib import Path
+
     import torch
 
     from dinolite.hub import build_hub_model, from_pretrained, hub_filename

@@ -258,7 +258,7 @@ def build_report(run: str, data: str | None = None, images: int = 4, pool: int =
         else:
             page.missing("no kNN accuracy in metrics.jsonl (train.knn_every=0, data without labels, or a scale/ run).")
         monitor_keys = [k for k in dict.fromkeys(k for r in records for k in r)  # constant ones are sizes: skipped
-                        if k.startswith("monitor/") and (k in dict(WATCHES) or len(set(series(records, k)[1])) > 1)]
+                        if k.startswith("monitor/") and (k in {w[0] for w in WATCHES} or len(set(series(records, k)[1])) > 1)]
         if monitor_keys:
             page.figure(monitors_figure(records, monitor_keys, events), "collapse monitors of the student, over the steps")
         else:
