@@ -84,6 +84,7 @@ def test_console_scripts_point_at_main_functions():
         with pytest.raises(SystemExit) as exit_:
             main(["--help"])
         assert exit_.value.code == 0, name
+        assert f"`{name}`" in (ROOT / "README.md").read_text(), f"README.md does not list {name}"
 
 
 def test_license_is_the_apache_2_text():
