@@ -59,6 +59,11 @@ def test_official_hub_file_is_recognised_by_name_and_by_shapes(tmp_path):
         _assert_same(loaded.model, model.state_dict())
     init = loaded.at_init()
     assert init.num_register_tokens == 4 and not torch.equal(init.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+    v3 = build_hub_model("dinov3_vits16")  # storage_tokens, RoPE periods, key-bias masks
+    torch.save(export_official(v3), tmp_path / "v3.pth")
+    loaded = load_backbone(str(tmp_path / "v3.pth"))
+    assert loaded.hub_name == "dinov3_vits16"
+    _assert_same(loaded.model, v3.state_dict())
 
 
 def test_hub_name_reads_torch_hub_cache_and_never_downloads(tmp_path, monkeypatch):
