@@ -141,7 +141,7 @@ table { border-collapse: collapse; } td, th { padding: 0.2em 0.8em; text-align: 
 
 
 class Page:
-    """A list of HTML pieces; `missing` notes what could not be shown and why."""
+    """The page as a list of HTML pieces; `missing` says what could not be shown and why."""
 
     def __init__(self):
         self.parts, self.figure_problems = [], []
@@ -150,7 +150,8 @@ class Page:
         self.parts.append(f"<h2>{html.escape(text)}</h2>")
 
     def text(self, text: str, cls: str | None = None):
-        self.parts.append(f'<p{f" class={chr(34)}{cls}{chr(34)}" if cls else ""}>{html.escape(text)}</p>')
+        attribute = f' class="{cls}"' if cls else ""
+        self.parts.append(f"<p{attribute}>{html.escape(text)}</p>")
 
     def missing(self, text: str):
         self.text("Not shown: " + text, "note")

@@ -1,6 +1,5 @@
 """dinolite-eval knn|linear: top-1/top-5 of a checkpoint and of the same network at initialisation."""
 import pytest
-import torch
 
 from dinolite.data import EvalTransform, build_dataset
 from dinolite.eval import extract_features, knn_classify
