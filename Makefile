@@ -9,9 +9,10 @@ SHELL := /bin/bash
 
 .PHONY: book test test-portable pytest nbval book-check clean
 
-$(STAMP): pyproject.toml
+# pyproject.toml gives lower bounds; constraints.txt the exact versions the book and the tests are checked with.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[book,test]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[book,test]"
 	touch $(STAMP)
 
 # Execute every chapter and render HTML into _build/html. Every page is rendered even if a chapter

@@ -1,12 +1,15 @@
 """Read the built book as a reader does: every page of _build/html in headless Chromium.
 
     python .ci/book_check_browser.py [--html _build/html] [--screenshots _build/screenshots]
+    python .ci/book_check_browser.py --page runs/tiny/report.html     # one standalone page (dinolite-report's)
 
 Fails (exit 1, one line per problem) on: an error or traceback output; an <img> that does not
 load; an output block wider than the content column (a reader would have to scroll it); a path
 of the build machine in an output (home directories, /tmp, /work, the repository); a Python
 object repr such as <... object at 0x...>; a widget output with no static figure beside it; a
 book whose chapters hold no outputs at all (built without execution: run `make book` first).
+--page checks standalone HTML files instead of the book (repeatable): the same checks on their
+.cell_output blocks and images, without the book's "chapters have outputs" rule.
 Saves one full-page screenshot per page, at 1280 px, to --screenshots for a person to look at.
 
 Needs only the standard library and Debian's `chromium`; it drives the browser through the
@@ -226,11 +229,21 @@ def main(argv=None) -> int:
     parser.add_argument("--html", default="_build/html", type=Path)
     parser.add_argument("--screenshots", default="_build/screenshots", type=Path)
     parser.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser") or "chromium")
+    parser.add_argument("--page", action="append", type=Path, default=[],
+                        help="check this standalone HTML file instead of the book (repeatable)")
     args = parser.parse_args(argv)
 
-    pages = sorted(p for p in args.html.rglob("*.html")
-                   if not any(part.startswith("_") for part in p.relative_to(args.html).parts) and p.name != "search.html"
-                   and p.name != "genindex.html")
+    if args.page:
+        missing = [str(p) for p in args.page if not p.is_file()]
+        if missing:
+            print(f"error: no such page: {', '.join(missing)}")
+            return 2
+        pages = [p.resolve() for p in args.page]
+        args.html = Path(os.path.commonpath([p.parent for p in pages]))
+    else:
+        pages = sorted(p for p in args.html.rglob("*.html")
+                       if not any(part.startswith("_") for part in p.relative_to(args.html).parts)
+                       and p.name != "search.html" and p.name != "genindex.html")
     if not pages:
         print(f"error: no pages under {args.html}; build the book first (make book)")
         return 2
@@ -253,7 +266,7 @@ def main(argv=None) -> int:
                   f"{len(info['widgets'])} widgets, {info['wrapped']:3d} wrapped output lines, {len(page_problems)} problems")
     finally:
         browser.close()
-    if chapter_outputs == 0:
+    if chapter_outputs == 0 and not args.page:
         problems.append("no chapter has outputs: the book was built without executing it; run `make book` first")
     print(f"screenshots: {args.screenshots}/ ({len(pages)} pages at {WIDTH} px)")
     for problem in problems:

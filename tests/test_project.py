@@ -1,4 +1,4 @@
-"""Project-level checks: pins agree, notebooks are stored clean, the book's table of contents
+"""Project-level checks: pins agree (constraints.txt, environment.yml), entry points and LICENSE, notebooks are stored clean, the book's table of contents
 is complete, and chapters import the library instead of re-defining it."""
 import ast
 import json
@@ -13,26 +13,85 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "book").glob("*.ipynb"))
 
 
-def test_environment_yml_pins_equal_pyproject():
+def _name(requirement: str) -> str:
+    """"torch>=2.6" -> "torch" (PEP 508 names are case-insensitive, - and _ alike)."""
+    return re.match(r"[A-Za-z0-9._-]+", requirement.strip()).group(0).lower().replace("_", "-")
+
+
+def _constraints() -> dict[str, str]:
+    """constraints.txt -> {name: "name==version"}; every line must be an exact pin."""
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            assert re.fullmatch(r"[A-Za-z0-9._-]+==[0-9][0-9A-Za-z.]*", line), f"constraints.txt: {line!r} is not NAME==VERSION"
+            pins[_name(line)] = line
+    return pins
+
+
+def test_every_dependency_has_a_tested_pin_in_constraints():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pyproject = set(project["dependencies"])
-    for extra in ("book", "test"):
-        pyproject |= set(project["optional-dependencies"][extra])
+    pins = _constraints()
+    requirements = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        requirements += extra
+    for requirement in requirements:
+        assert "==" not in requirement, f"pyproject.toml pins {requirement!r}: give a lower bound, pin in constraints.txt"
+        assert _name(requirement) in pins, f"{requirement!r} has no exact version in constraints.txt"
+    for name in ("torch", "torchvision", "numpy"):  # the library's core: a lower bound, not an open range
+        bound = next(r for r in project["dependencies"] if _name(r) == name)
+        assert ">=" in bound, bound
+
+
+def test_environment_yml_pins_equal_constraints():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = _constraints()
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     conda_pins = {r for r in pip_section if not r.startswith("-")}
-    assert conda_pins == pyproject, (
-        f"only in environment.yml: {sorted(conda_pins - pyproject)}; "
-        f"only in pyproject.toml: {sorted(pyproject - conda_pins)}")
+    wanted = {pins[_name(r)] for r in project["dependencies"] + project["optional-dependencies"]["book"]
+              + project["optional-dependencies"]["test"]}
+    assert conda_pins == wanted, (
+        f"only in environment.yml: {sorted(conda_pins - wanted)}; "
+        f"only in constraints.txt: {sorted(wanted - conda_pins)}")
     python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python"))
-    assert python == "python=3.11" and project["requires-python"] == ">=3.11,<3.12"
+    assert python == "python=3.11" and project["requires-python"] == ">=3.11"
+
+
+def test_make_installs_with_the_constraints():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-c constraints.txt" in makefile and "constraints.txt" in makefile.split("$(STAMP):")[1].splitlines()[0]
 
 
 def test_torch_pins_are_the_machine_ones():
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert "torch==2.14.1" in deps and "torchvision==0.29.1" in deps
+    pins = _constraints()
+    assert pins["torch"] == "torch==2.14.1" and pins["torchvision"] == "torchvision==0.29.1"
     book = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["book"]
     assert "jupyter-book>=1.0.4,<2" in book
+
+
+def test_console_scripts_point_at_main_functions():
+    """Every [project.scripts] entry is a main(argv=None) -> int that --help answers with exit 0."""
+    import importlib
+    import inspect
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"dinolite-train", "dinolite-curate", "dinolite-embed", "dinolite-eval", "dinolite-report"}
+    for name, target in scripts.items():
+        module, _, function = target.partition(":")
+        main = getattr(importlib.import_module(module), function)
+        assert list(inspect.signature(main).parameters) == ["argv"], name
+        with pytest.raises(SystemExit) as exit_:
+            main(["--help"])
+        assert exit_.value.code == 0, name
+        assert f"`{name}`" in (ROOT / "README.md").read_text(), f"README.md does not list {name}"
+
+
+def test_license_is_the_apache_2_text():
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"] == {"text": "Apache-2.0"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
