@@ -29,11 +29,11 @@ from dinolite.hub import (
     official_to_dinolite,
 )
 from dinolite.models import VisionTransformer
-from dinolite.train.checkpoint import list_checkpoints
-from dinolite.train.config import Config, apply_overrides, config_from_dict, get_config, parse_students
+from dinolite.checkpoint import list_checkpoints, parse_run_at_step
+from dinolite.train.config import Config, apply_overrides, config_from_dict, parse_students
+from dinolite.train.recipes import get_config
 from dinolite.train.meta_arch import build_backbone
 
-_STEP = re.compile(r"^(.+)@(\d+)$")
 _SCALE_EXPORT = re.compile(r"^teacher_backbone_official_(\d+)\.pth$")
 
 
@@ -251,9 +251,9 @@ def load_backbone(source: str, config: str | None = None, student: str = "studen
     student: which student of a distillation run ("student" is the main one).
     """
     source = os.path.expanduser(str(source))
-    match = _STEP.match(source)
-    if match and os.path.isdir(match.group(1)):
-        return _from_run(match.group(1), int(match.group(2)), config, student)
+    run, step = parse_run_at_step(source)
+    if step is not None and os.path.isdir(run):
+        return _from_run(run, step, config, student)
     if os.path.isdir(source):
         return _from_run(source, None, config, student)
     if os.path.isfile(source):

@@ -7,7 +7,7 @@ import yaml
 
 from dinolite.hub import build_hub_model, export_official
 from dinolite.loading import LoadError, load_backbone, read_run_config
-from dinolite.train.checkpoint import load_checkpoint
+from dinolite.checkpoint import load_checkpoint
 
 
 def _teacher_backbone(checkpoint_path) -> dict:
