@@ -31,6 +31,7 @@ of every edit (brightness x1.25 copies, whose clipped highlights lose detail, ar
 `--dedup-threshold auto` repeats the calibration on a sample of the user's own pool.
 """
 import io
+import os
 
 import numpy as np
 import torch
@@ -296,3 +297,43 @@ def calibrate(images, views, views_of, per_edit: int = 100, sample_size: int = 1
     sample = np.sort(np.random.default_rng(seed + 1).choice(n, min(n, sample_size), replace=False))
     result = choose_threshold(copy_similarity, nearest_other(views, sample))
     return {**result, "planted": len(copies), "sampled": len(sample)}
+
+
+# ---------------------------------------------------------------------------------------------
+# A contact sheet: people check copy detection by looking
+# ---------------------------------------------------------------------------------------------
+def contact_sheet(load_image, groups, path, largest: int = 8, random_groups: int = 8, per_row: int = 10,
+                  cell: int = 64, seed: int = 0) -> list[int]:
+    """Write a PNG with one row per duplicate group: the `largest` largest groups, then
+    `random_groups` others drawn at random. Each row shows up to per_row images, the kept one
+    first with a green frame, removed ones with a red frame, and the group's size on the left.
+
+    load_image: index -> PIL image. Returns the positions in `groups` of the rows shown.
+    """
+    from PIL import ImageDraw
+
+    order = sorted(range(len(groups)), key=lambda g: (-len(groups[g]), g))
+    shown = order[:largest]
+    rest = order[largest:]
+    if rest and random_groups > 0:
+        rng = np.random.default_rng(seed)
+        shown += sorted(int(g) for g in rng.choice(rest, min(random_groups, len(rest)), replace=False))
+    label_width, pad = 56, 4
+    rows, columns = max(1, len(shown)), max([2] + [min(per_row, len(groups[g])) for g in shown])
+    sheet = Image.new("RGB", (label_width + columns * (cell + pad), rows * (cell + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    if not shown:
+        draw.text((pad, pad), "no duplicate groups", fill="black")
+    for row, g in enumerate(shown):
+        y = pad + row * (cell + pad)
+        kind = "largest" if row < largest else "random"
+        draw.text((pad, y + cell // 2 - 12), f"{len(groups[g])} imgs\n{kind}", fill="black")
+        for col, index in enumerate(groups[g][:per_row]):
+            x = label_width + col * (cell + pad)
+            image = _as_pil(load_image(int(index))).convert("RGB").resize((cell - 4, cell - 4), Image.NEAREST)
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=(0, 160, 0) if col == 0 else (200, 0, 0))
+            sheet.paste(image, (x + 2, y + 2))
+    tmp = f"{path}.partial.png"
+    sheet.save(tmp)
+    os.replace(tmp, path)
+    return shown
