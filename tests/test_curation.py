@@ -335,7 +335,7 @@ def test_cli_writes_a_usable_list_and_a_report(tmp_path, capsys):
     out = tmp_path / "curated"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        code = main(["--data", "textures:n=240,size=32", "--seed", "textures:n=3,size=32,seed=9",
+        code = main(["--data", "textures:n=240,size=32", "--seed-images", "textures:n=3,size=32,seed=9",
                      "--output-dir", str(out), "--target", "60", "--levels", "12,4", "--batch-size", "64",
                      "--dedup-threshold", "0.99"])  # a random ViT maps all textures close together
     assert code == 0, capsys.readouterr().err
