@@ -78,30 +78,6 @@ def write_pool(originals, per_edit: int, folder: Path, seed: int = 1):
     return truth
 
 
-def score(groups, source, edit) -> dict:
-    """groups: index arrays (kept first); source [N], edit [N] ("original" or the edit): the truth."""
-    n = len(source)
-    group_of = np.full(n, -1)
-    for g, members in enumerate(groups):
-        group_of[members] = g
-    removed = np.zeros(n, dtype=bool)
-    for members in groups:
-        removed[members[1:]] = True
-    kept = np.flatnonzero(~removed)
-    precision, recall = curation.duplicate_precision_recall(kept, source)
-    originals = {int(s): i for i, (s, e) in enumerate(zip(source, edit)) if e == "original"}
-    rows = {"all": {"removed": int(removed.sum()), "precision": precision, "recall": recall}}
-    for name in copydetect.EDITS:
-        copies = np.flatnonzero(edit == name)
-        found = [group_of[c] >= 0 and group_of[c] == group_of[originals[int(source[c])]] for c in copies]
-        its_groups = [groups[g] for g in sorted({int(group_of[c]) for c in copies if group_of[c] >= 0})]
-        removed_here = np.concatenate([g[1:] for g in its_groups]) if its_groups else np.zeros(0, dtype=np.int64)
-        correct = sum(1 for g in its_groups for m in g[1:] if source[m] in source[g[g != m]])
-        rows[name] = {"copies": len(copies), "recall": float(np.mean(found)),
-                      "precision": correct / len(removed_here) if len(removed_here) else 1.0}
-    return rows
-
-
 def print_table(title: str, rows: dict) -> None:
     print(f"\n{title}")
     print(f"  {'edit':11s} {'recall':>7s} {'precision':>10s}")
@@ -140,7 +116,7 @@ def main() -> None:
     source = np.array([truth[p][0] for p in paths])
     edit = np.array([truth[p][1] for p in paths])
     groups = [np.array([index[p] for p in g]) for g in report["duplicates"]["groups"]]
-    default = score(groups, source, edit)
+    default = copydetect.score_by_edit(groups, source, edit)
     print_table(f"DEFAULT command (copy descriptor, threshold {report['duplicates']['threshold']}, "
                 f"{report['duplicates']['threshold_from']}):", default)
     n_images = len(paths)
@@ -162,7 +138,7 @@ def main() -> None:
                                                         "describe_s": 1000 * t["describe_s"] / n_images}}
     for tau in (0.6, 0.99, round(calibration["threshold"], 4)):
         _, emb_groups = curation.find_duplicates(emb, threshold=tau, k=64)
-        rows = score(emb_groups, source, edit)
+        rows = copydetect.score_by_edit(emb_groups, source, edit)
         results[f"embedding@{tau}"] = rows
         print_table(f"DINO embedding (random tiny ViT), threshold {tau}"
                     + (" (auto)" if tau == round(calibration["threshold"], 4) else "") + ":", rows)

@@ -299,6 +299,38 @@ def calibrate(images, views, views_of, per_edit: int = 100, sample_size: int = 1
     return {**result, "planted": len(copies), "sampled": len(sample)}
 
 
+def score_by_edit(groups, source, edit) -> dict:
+    """Copy detection scored against planted copies, by edit.
+
+    groups: the duplicate groups (index arrays, kept first); source [N]: the original each image
+    was made from (itself for originals); edit [N]: "original" or the edit's name.
+    Returns {"all": {removed, precision, recall} (curation.duplicate_precision_recall),
+    edit: {copies, recall, precision}}: an edit's recall is the share of its copies in one group
+    with their original; its precision, over the groups holding one of its copies, the share of
+    removed images that have an image of the same source in their group.
+    """
+    source, edit = np.asarray(source), np.asarray(edit)
+    n = len(source)
+    group_of = np.full(n, -1)
+    removed = np.zeros(n, dtype=bool)
+    for g, members in enumerate(groups):
+        group_of[members] = g
+        removed[members[1:]] = True
+    precision, recall = curation.duplicate_precision_recall(np.flatnonzero(~removed), source)
+    original_of = {int(s): i for i, (s, e) in enumerate(zip(source, edit)) if e == "original"}
+    scores = {"all": {"removed": int(removed.sum()), "precision": precision, "recall": recall}}
+    for name in [e for e in dict.fromkeys(edit.tolist()) if e != "original"]:
+        copies = np.flatnonzero(edit == name)
+        originals = np.array([original_of[int(source[c])] for c in copies])
+        found = (group_of[copies] >= 0) & (group_of[copies] == group_of[originals])
+        touched = [groups[g] for g in np.unique(group_of[copies][group_of[copies] >= 0])]
+        removals = [(m, g) for g in touched for m in g[1:]]
+        correct = sum(int((source[g] == source[m]).sum() > 1) for m, g in removals)
+        scores[name] = {"copies": len(copies), "recall": float(found.mean()),
+                        "precision": correct / len(removals) if removals else 1.0}
+    return scores
+
+
 # ---------------------------------------------------------------------------------------------
 # A contact sheet: people check copy detection by looking
 # ---------------------------------------------------------------------------------------------

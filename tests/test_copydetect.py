@@ -197,3 +197,15 @@ def test_cli_copy_flag_errors_are_one_line(tmp_path, capsys, extra, message):
         assert main(["--data", "textures:n=20", "--target", "5", "--output-dir", str(tmp_path / "o")] + extra) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_score_by_edit_by_hand():
+    source = [0, 1, 2, 0, 1, 2]
+    edit = ["original", "original", "original", "jpeg", "mirror", "mirror"]
+    groups = [np.array([0, 3]), np.array([1, 2, 4])]  # copy 5 is missed; original 2 joins the group of 1
+    s = cd.score_by_edit(groups, source, edit)
+    # overall, one image of each source is kept (copy 5 stands for original 2): a perfect deduplication
+    assert s["all"] == {"removed": 3, "precision": 1.0, "recall": 1.0}
+    # by edit: copy 5 is not with its original, and original 2 is removed from a group without its source
+    assert s["jpeg"] == {"copies": 1, "recall": 1.0, "precision": 1.0}
+    assert s["mirror"] == {"copies": 2, "recall": 0.5, "precision": 0.5}
