@@ -124,6 +124,15 @@ def main() -> None:
     print(f"\ntimes per 1,000 images: embedding (random tiny ViT) {1000 * t['embed_s'] / n_images:.2f} s, "
           f"copy descriptor {1000 * t['describe_s'] / n_images:.2f} s; whole command {wall:.0f} s")
 
+    # how copydetect.DEFAULT_THRESHOLD was calibrated: copydetect.calibrate on the photos alone
+    photo_views = copydetect.describe_views(copydetect.thumbnails(originals, progress=False))
+    c = copydetect.calibrate(originals, photo_views, lambda ims: copydetect.describe_views(
+        copydetect.thumbnails(ims, progress=False)))
+    print(f"\ncalibration of the descriptor on the {len(originals)} photos: {c['planted']} planted copies >= "
+          f"{c['copies_low']:.4f} (1st percentile), {c['sampled']} photos' closest other photo <= "
+          f"{c['distinct_high']:.4f} (99.5th percentile): threshold {c['threshold']:.4f} "
+          f"(copies found {c['copies_found']:.3f}, photos linked {c['distinct_linked']:.3f})")
+
     emb = np.load(out / "embeddings.npy")
     views = [emb]
     images = [Image.open(p).convert("RGB") for p in paths]
@@ -134,7 +143,7 @@ def main() -> None:
         backbone, cfg, _ = load_backbone(None, None, 0)
     calibration = copydetect.calibrate(images, views, lambda ims: [curation.embed(
         ims, backbone, image_size=cfg.crops.global_size, progress=False)])
-    results = {"default": default, "timings_per_1000": {"embed_s": 1000 * t["embed_s"] / n_images,
+    results = {"default": default, "descriptor_calibration": c, "timings_per_1000": {"embed_s": 1000 * t["embed_s"] / n_images,
                                                         "describe_s": 1000 * t["describe_s"] / n_images}}
     for tau in (0.6, 0.99, round(calibration["threshold"], 4)):
         _, emb_groups = curation.find_duplicates(emb, threshold=tau, k=64)
