@@ -208,10 +208,11 @@ def curate(args) -> dict:
         tic = time.perf_counter()
         calibration = copydetect.calibrate(pool, views, views_of, seed=args.random_seed)
         threshold = calibration["threshold"]
-        print(f"calibration ({args.copy_detector}): {calibration['planted']} planted copies are >= "
-              f"{calibration['copies_low']:.4f} (99%), {calibration['sampled']} sampled images' closest other image "
-              f"<= {calibration['distinct_high']:.4f} (99.5%); threshold {threshold:.4f}"
-              + ("" if calibration["separated"] else " (they overlap: expect missed copies)"))
+        print(f"calibration ({args.copy_detector}): 99% of {calibration['planted']} planted copies are >= "
+              f"{calibration['copies_low']:.4f}, 99.5% of {calibration['sampled']} sampled images' closest other image "
+              f"<= {calibration['distinct_high']:.4f}; threshold {threshold:.4f} finds "
+              f"{calibration['copies_found']:.0%} of the copies and links {calibration['distinct_linked']:.1%} of the "
+              "images" + ("" if calibration["separated"] else " (copies and distinct images overlap: precision first)"))
         timings["calibrate_s"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
