@@ -93,6 +93,9 @@ def main() -> None:
     parser.add_argument("--work", required=True, help="where the pool and the curation output are written")
     parser.add_argument("--n", type=int, default=3000, help="photos in the pool (with --photos)")
     parser.add_argument("--per-edit", type=int, default=100, help="planted copies per edit")
+    parser.add_argument("--checkpoint", help="a trained backbone whose [CLS] embedding is scored (default: the "
+                        "command's default, a random tiny ViT)")
+    parser.add_argument("--config", help="its recipe or YAML, as for python -m dinolite.curate")
     args = parser.parse_args()
     work = Path(args.work)
     originals = photos_from_folder(args.photos, args.n) if args.photos else photo_tiles()
@@ -106,7 +109,10 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random-backbone warning: the default embedding, on purpose
         start = time.perf_counter()
-        code = curate_main(["--data", f"folder:{work / 'pool'}", "--output-dir", str(out), "--target", str(target)])
+        backbone_flags = (["--checkpoint", args.checkpoint] if args.checkpoint else []) \
+            + (["--config", args.config] if args.config else [])
+        code = curate_main(["--data", f"folder:{work / 'pool'}", "--output-dir", str(out), "--target", str(target)]
+                           + backbone_flags)
         wall = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"the default command failed (exit {code})")
@@ -121,7 +127,7 @@ def main() -> None:
                 f"{report['duplicates']['threshold_from']}):", default)
     n_images = len(paths)
     t = report["timings"]
-    print(f"\ntimes per 1,000 images: embedding (random tiny ViT) {1000 * t['embed_s'] / n_images:.2f} s, "
+    print(f"\ntimes per 1,000 images: embedding ({report['backbone']}) {1000 * t['embed_s'] / n_images:.2f} s, "
           f"copy descriptor {1000 * t['describe_s'] / n_images:.2f} s; whole command {wall:.0f} s")
 
     # how copydetect.DEFAULT_THRESHOLD was calibrated: copydetect.calibrate on the photos alone
@@ -140,7 +146,7 @@ def main() -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        backbone, cfg, _ = load_backbone(None, None, 0)
+        backbone, cfg, name = load_backbone(args.checkpoint, args.config, 0)
     calibration = copydetect.calibrate(images, views, lambda ims: [curation.embed(
         ims, backbone, image_size=cfg.crops.global_size, progress=False)])
     results = {"default": default, "descriptor_calibration": c, "timings_per_1000": {"embed_s": 1000 * t["embed_s"] / n_images,
@@ -149,7 +155,7 @@ def main() -> None:
         _, emb_groups = curation.find_duplicates(emb, threshold=tau, k=64)
         rows = copydetect.score_by_edit(emb_groups, source, edit)
         results[f"embedding@{tau}"] = rows
-        print_table(f"DINO embedding (random tiny ViT), threshold {tau}"
+        print_table(f"DINO embedding ({name}), threshold {tau}"
                     + (" (auto)" if tau == round(calibration["threshold"], 4) else "") + ":", rows)
     (work / "results.json").write_text(json.dumps(results, indent=2))
 
