@@ -12,6 +12,11 @@ query costs the same (one row of the N x N similarity matrix and its top-k), so 
 linear in the number of queries.
 
 Printed ratios are peer time / dinolite time (> 1: dinolite is faster) and k-means inertia ratios.
+
+Per image, the command's two passes over the pool are timed on --images real photographs
+(scikit-image's, tiled, at 32 px): the backbone embedding (a random tiny-cpu ViT, as without
+--checkpoint) and the copy descriptor (dinolite.copydetect: thumbnails and their 8 views), in
+seconds per 1,000 images.
 """
 import argparse
 import math
@@ -60,6 +65,26 @@ def torch_knn(x: np.ndarray, k: int, max_queries: int | None, chunk: int = 4096)
     return seconds, torch.cat(neighbours).numpy()
 
 
+def per_image_costs(n_images: int) -> None:
+    """Seconds per 1,000 images of the embedding pass and of the copy-descriptor pass, same images."""
+    import warnings
+
+    from dinolite import copydetect
+    from dinolite.curate import load_backbone
+    from dinolite.data.photos import photo_tiles
+
+    tiles = photo_tiles()
+    images = [tiles[i % len(tiles)] for i in range(n_images)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random-backbone warning
+        backbone, cfg, _ = load_backbone(None, None)
+    t_embed, _ = timed(curation.embed, images, backbone, image_size=cfg.crops.global_size, progress=False)
+    t_describe, _ = timed(lambda: copydetect.describe_views(copydetect.thumbnails(images, progress=False)))
+    print(f"\n== per 1,000 images ({n_images} photo tiles, 32 px) ==\n"
+          f"embedding (random tiny-cpu ViT, {cfg.crops.global_size} px): {1000 * t_embed / n_images:6.2f} s\n"
+          f"copy descriptor (thumbnail + 8 views):      {1000 * t_describe / n_images:6.2f} s\n")
+
+
 def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     out = fn(*args, **kwargs)
@@ -77,6 +102,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--k", type=int, default=64, help="neighbours in copy detection (DINOv2: 64)")
     parser.add_argument("--levels", default=None, help="hierarchical k-means levels (default N/100, N/1000, N/10000)")
+    parser.add_argument("--images", type=int, default=1000, help="images timed for the per-image costs")
     parser.add_argument("--torch-queries", type=int, default=20_000,
                         help="queries timed for the torch peer, scaled to all N (0: all)")
     args = parser.parse_args()
@@ -85,6 +111,7 @@ def main() -> None:
                                                                             max(2, n // 10_000)]
     torch_queries = args.torch_queries if 0 < args.torch_queries < n else None
     print(f"pool {n} x {d} (1% planted copies), k = {args.k}, {torch.get_num_threads()} torch threads")
+    per_image_costs(args.images)
     x, source = make_pool(n, d)
 
     print("\n== copy detection: kNN graph + connected components ==")

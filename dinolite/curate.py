@@ -1,13 +1,17 @@
-"""Command line: python -m dinolite.curate --data SPEC [--seed SPEC] --output-dir DIR --target N [options]
+"""Command line: python -m dinolite.curate --data SPEC [--seed-images SPEC] --output-dir DIR --target N [options]
 
 Curates an image pool the way LVD-142M / LVD-1689M were built, at small scale:
   1. embed every pool image (L2-normalised [CLS] of a backbone) into DIR/embeddings.npy;
-  2. copy detection: drop all but one image of each group of near-duplicates;
-  3. with --seed: keep the --retrieve-k nearest pool images of every seed image;
-  4. hierarchical k-means of the rest and a balanced sample that fills the target.
-Writes DIR/curated.txt (PATH<TAB>LABEL per line: train on it with --data list:DIR/curated.txt) and
-DIR/report.json. Images of datasets without files (textures, builtin, torchvision) are written
-to DIR/images/ as PNG first.
+  2. with --exclude: drop pool images that are copies of a held-out evaluation set;
+  3. copy detection: drop all but one image of each group of near-duplicates, found with a copy
+     descriptor (dinolite.copydetect; not the DINO embedding, which ignores crops and colour);
+  4. with --seed-images: keep the --retrieve-k nearest pool images of every seed image;
+  5. hierarchical k-means of the rest and a balanced sample that fills the target.
+Writes DIR/curated.txt (PATH<TAB>LABEL per line: train on it with --data list:DIR/curated.txt),
+DIR/report.json (counts, every duplicate group as image paths, the kept one first, and the
+excluded images) and DIR/duplicates.png (a contact sheet of the largest and of random groups:
+check it). Images of datasets without files (textures, builtin, torchvision) are written to
+DIR/images/ as PNG first.
 
 Example:
     python -m dinolite.curate --data folder:~/photos --checkpoint runs/tiny/teacher_backbone_official.pth \
@@ -23,17 +27,18 @@ import warnings
 import numpy as np
 import torch
 
-from dinolite import curation
+from dinolite import copydetect, curation
 
 
 def build_parser() -> argparse.ArgumentParser:
     from dinolite.data import DATA_SPEC_FORMS
 
-    parser = argparse.ArgumentParser(prog="python -m dinolite.curate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m dinolite.curate", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="data specs:\n  " + "\n  ".join(DATA_SPEC_FORMS))
     parser.add_argument("--data", required=True, help="the uncurated pool (a data spec)")
-    parser.add_argument("--seed", help="a curated seed set (a data spec); its nearest pool images are kept")
+    parser.add_argument("--seed-images", help="a curated seed set (a data spec); its nearest pool images are kept")
+    parser.add_argument("--seed", help=argparse.SUPPRESS)  # renamed --seed-images: a clear error, not a guess
     parser.add_argument("--output-dir", required=True, help="embeddings.npy, curated.txt, report.json (and images/)")
     parser.add_argument("--target", type=int, required=True, help="number of images in the curated list")
     parser.add_argument("--checkpoint", help="a dinolite training checkpoint (checkpoint_*.pth) or an official-layout "
@@ -42,10 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: config.yaml beside it; tiny-cpu without --checkpoint)")
     parser.add_argument("--image-size", type=int, help="embedding resolution (default: the recipe's global crop size)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--dedup-threshold", type=float, default=0.6,
-                        help="cosine similarity of copies (DINOv2: 0.6, for a copy-detection network; a DINO [CLS] "
-                        "embedding needs a much higher one: pick it from planted copies, see chapter 12)")
+    parser.add_argument("--copy-detector", choices=("descriptor", "embedding"), default="descriptor",
+                        help="what copy detection compares: the copy descriptor of dinolite.copydetect (default) "
+                        "or the backbone's [CLS] embedding (blind to crops and colour changes; chapter 12)")
+    parser.add_argument("--dedup-threshold", default=None,
+                        help="similarity at which two images are copies, or 'auto': plant copies of a sample of the "
+                        f"pool and pick it (default: {copydetect.DEFAULT_THRESHOLD} for the descriptor, calibrated "
+                        "on planted copies of photos; auto for the embedding)")
     parser.add_argument("--dedup-k", type=int, default=64, help="neighbours per image in copy detection (DINOv2: 64)")
+    parser.add_argument("--max-removed", type=float, default=0.5,
+                        help="stop when copy detection would remove more than this share of the pool")
+    parser.add_argument("--exclude", help="a held-out evaluation set (a data spec): pool images that are copies of "
+                        "its images are removed (decontamination)")
     parser.add_argument("--retrieve-k", type=int, default=4, help="pool images kept per seed image (DINOv2: 4)")
     parser.add_argument("--levels", help="clusters per k-means level, finest first, e.g. 100,20 "
                         "(default: N/20 and N/100 of the deduplicated pool)")
@@ -105,7 +118,7 @@ def _levels(spec: str | None, n: int) -> list[int]:
 
 def _image_paths(dataset, indices, output_dir):
     """(path, label) of the chosen images: their files, or PNG copies under output_dir/images/."""
-    if hasattr(dataset, "samples") and all(hasattr(s[0], "is_file") for s in dataset.samples[:1]):
+    if _has_files(dataset):
         return [(os.path.abspath(dataset.samples[i][0]), int(dataset.samples[i][1])) for i in indices]
     folder = os.path.join(output_dir, "images")
     os.makedirs(folder, exist_ok=True)
@@ -119,14 +132,49 @@ def _image_paths(dataset, indices, output_dir):
     return out
 
 
+def _has_files(dataset) -> bool:
+    return hasattr(dataset, "samples") and all(hasattr(s[0], "is_file") for s in dataset.samples[:1])
+
+
+def _names(dataset, spec, indices) -> list[str]:
+    """How the report names pool images: their file paths, or SPEC#INDEX for datasets without files."""
+    if _has_files(dataset):
+        return [os.path.abspath(dataset.samples[int(i)][0]) for i in indices]
+    return [f"{spec}#{int(i)}" for i in indices]
+
+
+def _threshold(value, detector: str):
+    """--dedup-threshold -> a float, or "auto"; default: the descriptor's calibrated value, auto for embeddings."""
+    if value is None:
+        return copydetect.DEFAULT_THRESHOLD if detector == "descriptor" else "auto"
+    if value == "auto":
+        return value
+    try:
+        threshold = float(value)
+    except ValueError:
+        raise ValueError(f"--dedup-threshold must be a number in [-1, 1] or 'auto', got {value!r}") from None
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"--dedup-threshold is a cosine similarity and must be in [-1, 1], got {threshold}")
+    return threshold
+
+
+def _image(item):
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
 def curate(args) -> dict:
     """The pipeline behind the command line; returns the report (also written to report.json)."""
     from dinolite.data import build_dataset
 
     timings = {}
     tic = time.perf_counter()
+    if args.seed is not None:
+        raise ValueError("--seed was renamed --seed-images (a dataset of seed images); the random seed is --random-seed")
     if args.target < 1:
         raise ValueError(f"--target must be >= 1, got {args.target}")
+    if not 0 < args.max_removed <= 1:
+        raise ValueError(f"--max-removed is a share of the pool in (0, 1], got {args.max_removed}")
+    threshold = _threshold(args.dedup_threshold, args.copy_detector)
     if args.levels:
         _levels(args.levels, 0)  # a malformed --levels fails before the (slow) embedding
     pool = build_dataset(args.data)
@@ -134,6 +182,7 @@ def curate(args) -> dict:
         raise ValueError(f"the pool {args.data} is empty")
     if args.target > len(pool):
         raise ValueError(f"--target {args.target} is larger than the pool ({len(pool)} images in {args.data})")
+    excluded_set = build_dataset(args.exclude) if args.exclude else None  # a bad spec fails before the embedding
     backbone, cfg, backbone_name = load_backbone(args.checkpoint, args.config, args.random_seed)
     size = args.image_size or cfg.crops.global_size
     os.makedirs(args.output_dir, exist_ok=True)
@@ -142,17 +191,65 @@ def curate(args) -> dict:
     timings["embed_s"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    kept, groups = curation.find_duplicates(emb, threshold=args.dedup_threshold, k=args.dedup_k, progress=True)
+    if args.copy_detector == "descriptor":
+        def views_of(images):
+            return copydetect.describe_views(copydetect.thumbnails(images, progress=False))
+
+        views = copydetect.describe_views(copydetect.thumbnails(pool))
+    else:
+        def views_of(images):
+            return [np.asarray(curation.embed(images, backbone, image_size=size, batch_size=args.batch_size,
+                                              progress=False))]
+
+        views = [np.asarray(emb, dtype=np.float32)]
+    timings["describe_s"] = time.perf_counter() - tic
+
+    calibration = None
+    if threshold == "auto":
+        tic = time.perf_counter()
+        calibration = copydetect.calibrate(pool, views, views_of, seed=args.random_seed)
+        threshold = calibration["threshold"]
+        print(f"calibration ({args.copy_detector}): 99% of {calibration['planted']} planted copies are >= "
+              f"{calibration['copies_low']:.4f}, 99.5% of {calibration['sampled']} sampled images' closest other image "
+              f"<= {calibration['distinct_high']:.4f}; threshold {threshold:.4f} finds "
+              f"{calibration['copies_found']:.0%} of the copies and links {calibration['distinct_linked']:.1%} of the "
+              "images" + ("" if calibration["separated"] else " (copies and distinct images overlap: precision first)"))
+        timings["calibrate_s"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    candidates = np.arange(len(pool))
+    exclusion = None
+    if excluded_set is not None:
+        reference_views = views_of([_image(excluded_set[i]) for i in range(len(excluded_set))])
+        hit, ref, sim = copydetect.find_copies_of(views, reference_views, threshold)
+        candidates = np.setdiff1d(candidates, hit)
+        ref_names = _names(excluded_set, args.exclude, ref)
+        exclusion = {"spec": args.exclude, "reference_images": len(excluded_set), "removed": int(len(hit)),
+                     "matches": [[p, r, round(float(x), 4)] for p, r, x in zip(_names(pool, args.data, hit),
+                                                                             ref_names, sim)]}
+        if len(candidates) == 0:
+            raise ValueError(f"every pool image is a copy of an image of --exclude {args.exclude}; "
+                             "raise --dedup-threshold or check the specs")
+    kept_local, groups_local = copydetect.find_copies([v[candidates] for v in views], threshold, k=args.dedup_k)
+    kept, groups = candidates[kept_local], [candidates[g] for g in groups_local]
+    removed = len(candidates) - len(kept)
+    if removed > args.max_removed * len(candidates):
+        raise ValueError(f"copy detection would remove {removed} of {len(candidates)} images "
+                         f"({removed / len(candidates):.0%}, more than --max-removed {args.max_removed}); raise "
+                         f"--dedup-threshold (now {threshold:.4g}), or raise --max-removed if the pool really is "
+                         "mostly copies")
     timings["deduplicate_s"] = time.perf_counter() - tic
     if args.target > len(kept):
-        raise ValueError(f"--target {args.target} is larger than the pool after removing duplicates "
+        raise ValueError(f"--target {args.target} is larger than the pool after removing copies "
                          f"({len(kept)} of {len(pool)} images left); lower --target")
+    sheet = os.path.join(args.output_dir, "duplicates.png")
+    copydetect.contact_sheet(lambda i: pool[i], groups, sheet, seed=args.random_seed)
 
     retrieved = np.zeros(0, dtype=np.int64)
     retrieval = None
-    if args.seed:
+    if args.seed_images:
         tic = time.perf_counter()
-        seed_set = build_dataset(args.seed)
+        seed_set = build_dataset(args.seed_images)
         seed_emb = curation.embed(seed_set, backbone, image_size=size, batch_size=args.batch_size)
         retrieved = kept[curation.retrieve(seed_emb, emb[kept], k=args.retrieve_k)]
         if len(retrieved) > args.target:
@@ -182,19 +279,26 @@ def curate(args) -> dict:
     in_sample = np.isin(rest, sampled)
     before = hierarchy.sizes(top)
     after = np.bincount(hierarchy.labels(top)[in_sample], minlength=len(before))
+    threshold_source = ("auto" if calibration else "--dedup-threshold" if args.dedup_threshold is not None
+                        else "calibrated default")
     report = {
-        "data": args.data, "seed": args.seed, "backbone": backbone_name, "image_size": size,
+        "data": args.data, "seed_images": args.seed_images, "backbone": backbone_name, "image_size": size,
         "pool_images": len(pool), "target": args.target, "selected": int(len(chosen)), "list": list_path,
-        "duplicates": {"threshold": args.dedup_threshold, "k": args.dedup_k, "removed": int(len(pool) - len(kept)),
-                       "groups": len(groups), "largest_group": max((len(g) for g in groups), default=1)},
+        "excluded": exclusion,
+        "duplicates": {"detector": args.copy_detector, "threshold": round(float(threshold), 4),
+                       "threshold_from": threshold_source, "calibration": calibration, "k": args.dedup_k,
+                       "removed": int(removed), "num_groups": len(groups),
+                       "largest_group": max((len(g) for g in groups), default=1), "contact_sheet": sheet,
+                       "groups": [_names(pool, args.data, g) for g in groups]},
         "retrieval": retrieval,
         "clusters": {"levels": levels, "resampling_steps": args.resampling_steps, "strategy": args.strategy,
                      "sampled": int(len(sampled)), "top_level_sizes_before": before.tolist(),
                      "top_level_sizes_after": after.tolist()},
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
-    with open(os.path.join(args.output_dir, "report.json"), "w") as f:
+    with open(os.path.join(args.output_dir, "report.json.partial"), "w") as f:
         json.dump(report, f, indent=2)
+    os.replace(os.path.join(args.output_dir, "report.json.partial"), os.path.join(args.output_dir, "report.json"))
     return report
 
 
@@ -205,8 +309,10 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    d = report["duplicates"]
-    print(f"curated {report['selected']} of {report['pool_images']} images: {d['removed']} duplicates removed"
+    d, x = report["duplicates"], report["excluded"]
+    print(f"curated {report['selected']} of {report['pool_images']} images: "
+          + (f"{x['removed']} copies of --exclude images removed, " if x else "")
+          + f"{d['removed']} duplicates removed in {d['num_groups']} groups (check {d['contact_sheet']})"
           + (f", {report['retrieval']['retrieved']} retrieved from {report['retrieval']['seed_images']} seed images"
              if report["retrieval"] else "")
           + f", {report['clusters']['sampled']} sampled evenly over {report['clusters']['levels']} clusters\n"

@@ -197,9 +197,6 @@ def find_duplicates(embeddings, threshold: float = 0.6, k: int = 64, index: str 
     images (each a sorted index array; its first entry is the one kept). DINOv2: k = 64,
     threshold 0.6, on embeddings of a copy-detection network.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(f"threshold is a cosine similarity and must be in [-1, 1], got {threshold}")
     if k < 1:
@@ -211,7 +208,20 @@ def find_duplicates(embeddings, threshold: float = 0.6, k: int = 64, index: str 
     rows = np.repeat(np.arange(n), k)
     cols, sims = ids.ravel(), sims.ravel()
     edge = (sims >= threshold) & (cols >= 0) & (cols != rows)
-    graph = coo_matrix((np.ones(int(edge.sum()), dtype=np.int8), (rows[edge], cols[edge])), shape=(n, n))
+    kept, groups = connected_groups(n, rows[edge], cols[edge])
+    return kept, groups
+
+
+def connected_groups(n: int, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Connected components of the undirected graph on n nodes with edges rows[e] -- cols[e].
+
+    Returns (kept [M]: the lowest index of every component, sorted; groups: the components with
+    two or more nodes, each a sorted int64 array whose first entry is the kept one).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
     _, component = connected_components(graph, directed=False)
     order = np.argsort(component, kind="stable")  # indices grouped by component, ascending inside each
     starts = np.flatnonzero(np.r_[True, component[order][1:] != component[order][:-1]])

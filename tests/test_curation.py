@@ -335,9 +335,8 @@ def test_cli_writes_a_usable_list_and_a_report(tmp_path, capsys):
     out = tmp_path / "curated"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        code = main(["--data", "textures:n=240,size=32", "--seed", "textures:n=3,size=32,seed=9",
-                     "--output-dir", str(out), "--target", "60", "--levels", "12,4", "--batch-size", "64",
-                     "--dedup-threshold", "0.99"])  # a random ViT maps all textures close together
+        code = main(["--data", "textures:n=240,size=32", "--seed-images", "textures:n=3,size=32,seed=9",
+                     "--output-dir", str(out), "--target", "60", "--levels", "12,4", "--batch-size", "64"])
     assert code == 0, capsys.readouterr().err
     assert any("randomly initialised" in str(w.message) for w in caught)
     report = json.loads((out / "report.json").read_text())
@@ -359,7 +358,7 @@ def test_cli_writes_a_usable_list_and_a_report(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random-backbone warning again
         code = main(["--data", f"list:{out / 'curated.txt'}", "--output-dir", str(tmp_path / "again"),
-                     "--target", "10", "--dedup-threshold", "0.99"])
+                     "--target", "10"])
     assert code == 0
     again = build_dataset(f"list:{tmp_path / 'again' / 'curated.txt'}")
     assert len(again) == 10 and {p for p, _ in again.samples} <= {p for p, _ in ds.samples}
