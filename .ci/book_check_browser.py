@@ -4,7 +4,9 @@
     python .ci/book_check_browser.py --page runs/tiny/report.html     # one standalone page (dinolite-report's)
 
 Fails (exit 1, one line per problem) on: an error or traceback output; an <img> that does not
-load; an output block wider than the content column (a reader would have to scroll it); a path
+load; an output block wider than the content column (a reader would have to scroll it); a code
+cell or listing that scrolls sideways; raw TeX on a page (maths MathJax did not typeset: it must
+load from the built site, offline); a visible nbval marker (NBVAL_...); a path
 of the build machine in an output (home directories, /tmp, /work, the repository); a Python
 object repr such as <... object at 0x...>; a widget output with no static figure beside it; a
 book whose chapters hold no outputs at all (built without execution: run `make book` first).
@@ -65,6 +67,35 @@ PAGE_SCRIPT = r"""
     const height = pre.clientHeight - parseFloat(style.paddingTop) - parseFloat(style.paddingBottom);
     wrapped += Math.max(0, Math.round(height / lineHeight) - pre.innerText.replace(/\n$/, '').split('\n').length);
   }
+  // code a reader would have to scroll: code cells, listings (literalinclude), code blocks in the text
+  for (const pre of article.querySelectorAll('pre')) {
+    if (pre.closest('.cell_output')) continue;
+    const box = pre.getBoundingClientRect();
+    if (box.width === 0) continue;
+    const scrolls = pre.scrollWidth > pre.clientWidth + 2 && getComputedStyle(pre).overflowX !== 'visible';
+    if (scrolls || box.right > column.right + 2) {
+      const caption = pre.closest('.literal-block-wrapper, .cell_input, div[class*="highlight"]');
+      const label = (caption && caption.querySelector('.caption-text')) ? caption.querySelector('.caption-text').innerText
+                                                                         : pre.innerText.trim().split('\n')[0];
+      wide.push({cell: 'code: ' + label.slice(0, 80), width: Math.round(Math.max(pre.scrollWidth, box.width)),
+                 column: Math.round(column.width), scrolls});
+    }
+  }
+  // raw TeX: a math element MathJax did not typeset, or a TeX command in the text outside code
+  const rawTex = [];
+  for (const el of article.querySelectorAll('.math')) {
+    if (!el.querySelector('mjx-container') && !el.closest('mjx-container')) rawTex.push(el.textContent.trim().slice(0, 60));
+  }
+  const texCommand = /\\(frac|tfrac|mathcal|mathrm|mathbb|underbrace|operatorname|lVert|rVert|left|right|sum|cdot|times|hat|begin|end)\b|\$\$/;
+  const walker = document.createTreeWalker(article, NodeFilter.SHOW_TEXT);
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    const parent = node.parentElement;
+    if (!parent || parent.closest('pre, code, script, style, mjx-container, .math, .highlight, .cell_output')) continue;
+    if (!parent.getClientRects().length) continue;  // not shown
+    const found = node.textContent.match(texCommand);
+    if (found) rawTex.push(node.textContent.trim().slice(0, 60));
+  }
+  const markers = [...new Set((document.body.innerText.match(/[^\n]*NBVAL_\w+[^\n]*/g) || []).map(l => l.trim().slice(0, 80)))];
   const errors = [...document.querySelectorAll('.cell_output .traceback, .cell_output .output.error')].map(describe);
   for (const out of outputs) {
     if (/Traceback \(most recent call last\)/.test(out.innerText)) errors.push(describe(out));
@@ -82,7 +113,20 @@ PAGE_SCRIPT = r"""
   }
   return {title: document.title, column: Math.round(column.width), n_outputs: outputs.length, wrapped,
           texts: outputs.map(o => ({cell: describe(o), text: o.innerText})), wide, errors: [...new Set(errors)], images, widgets,
+          rawTex: [...new Set(rawTex)], markers, mathjax: window.__bookCheckMathJax || 'none',
           height: Math.ceil(Math.max(document.documentElement.scrollHeight, document.body.scrollHeight))};
+})()
+"""
+
+
+# Resolves when MathJax has typeset the page, or at once where MathJax never started (no maths, or not loaded).
+MATHJAX_WAIT = r"""
+(async () => {
+  const started = window.MathJax && window.MathJax.startup && window.MathJax.startup.promise;
+  if (!started) { window.__bookCheckMathJax = 'not loaded'; return false; }
+  const timeout = new Promise(resolve => setTimeout(() => resolve('timeout'), 20000));
+  window.__bookCheckMathJax = await Promise.race([window.MathJax.startup.promise.then(() => 'typeset'), timeout]);
+  return true;
 })()
 """
 
@@ -181,6 +225,9 @@ def check_page(browser: Browser, path: Path, html_root: Path, screenshots: Path,
         browser.send("Page.navigate", {"url": path.resolve().as_uri()}, session=session)
         browser.wait_event("Page.loadEventFired", session)
         time.sleep(0.5)  # let the theme's scripts settle
+        # wait until MathJax has typeset the page (it is loaded from the built site; with no MathJax, raw TeX stays)
+        browser.send("Runtime.evaluate", {"expression": MATHJAX_WAIT, "awaitPromise": True, "returnByValue": True},
+                     session=session)
         result = browser.send("Runtime.evaluate", {"expression": PAGE_SCRIPT, "returnByValue": True}, session=session)
         if "exceptionDetails" in result:
             raise RuntimeError(f"page script failed: {result['exceptionDetails'].get('text')}")
@@ -218,6 +265,10 @@ def check_page(browser: Browser, path: Path, html_root: Path, screenshots: Path,
         stray = re.search(r"<[\w.]+ (object )?at 0x[0-9a-f]+>", output["text"])
         if stray:
             problems.append(f"{page}: stray object repr {stray.group(0)!r} in cell starting {output['cell']!r}")
+    for tex in info["rawTex"]:
+        problems.append(f"{page}: raw TeX on the page (MathJax: {info['mathjax']}): {tex!r}")
+    for marker in info["markers"]:
+        problems.append(f"{page}: nbval marker visible to readers (use the cell tag nbval-check-output): {marker!r}")
     for widget in info["widgets"]:
         if not widget["fallback"]:
             problems.append(f"{page}: widget with no static figure beside it, cell starting {widget['cell']!r}")

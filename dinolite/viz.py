@@ -59,6 +59,25 @@ def _in_book_style(plot):
     return styled
 
 
+def glue(name: str, value) -> None:
+    """Publish a measured number for the prose: {glue:text}`name:.1f` in a markdown cell prints it.
+
+    The book's text never types a number that a cell measures (tests/test_book_prose.py): it
+    inserts it with MyST-NB's glue, so text and output cannot disagree. `value` is a Python,
+    NumPy or 0-d torch number. Outside the book build (Colab, plain Jupyter, where myst_nb is not
+    installed) this does nothing: the cell's own printout shows the value.
+    """
+    if hasattr(value, "item"):
+        value = value.item()  # np.float64 and tensors: a plain float, whose text the prose can format
+    if not isinstance(value, (int, float)):
+        raise TypeError(f"glue({name!r}, ...) takes a number, got {type(value).__name__}")
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        return
+    myst_glue(name, value, display=False)
+
+
 def colorbar(mappable, ax, label: str):
     """A labelled colour bar beside ax (or a list of axes) for an image/scatter whose colour encodes a value."""
     return ax_figure(ax).colorbar(mappable, ax=ax, label=label, shrink=0.9)

@@ -179,3 +179,22 @@ def test_check_figure_finds_each_style_problem():
     ax.imshow(np.random.randint(0, 3, (4, 4)), cmap="tab20", interpolation="nearest")
     assert check_figure(fig) == []
     plt.close(fig)
+
+
+def test_glue_publishes_a_plain_number_for_the_prose(monkeypatch):
+    # the book's prose prints measured numbers through glue; numpy 2 would show np.float64(7.25)
+    pytest.importorskip("myst_nb")
+    import myst_nb.ext.glue as myst_glue
+
+    from dinolite.viz import glue
+
+    published = []
+    monkeypatch.setattr(myst_glue, "ipy_display", lambda data, raw, metadata: published.append((data, metadata)))
+    glue("gap", np.float64(7.25))
+    glue("count", torch.tensor(3))
+    (gap, gap_meta), (count, _) = published
+    assert gap_meta["scrapbook"]["name"] == "gap"
+    assert list(gap.values()) == ["7.25"] and all(k.startswith("application/papermill") for k in gap)  # not shown in place
+    assert list(count.values()) == ["3"]
+    with pytest.raises(TypeError, match="takes a number"):
+        glue("word", "less")
