@@ -25,7 +25,8 @@ from dinolite.train.config import Config, config_diff, config_from_dict, config_
 from dinolite.train.data import StepBatches, move_batch, seed_step
 from dinolite.train.distill import train_distill
 from dinolite.train.meta_arch import DINOv2MetaArch
-from dinolite.train.optim import StepValues, apply_schedule_, build_optimizer, schedule_values
+from dinolite.train.optim import (StepValues, apply_schedule_, build_optimizer, clip_grad_norm_per_module_,
+                                  schedule_values, student_modules, total_grad_norm)
 from dinolite.train.precision import describe_precision, resolve_precision
 from dinolite.train.run import (
     RESUMABLE_KEYS,
@@ -49,7 +50,8 @@ from dinolite.train.run import (
 SMALL_BATCH = 32
 
 
-LOGGED = ("loss", "dino", "ibot", "koleo", "gram", "grad_norm")
+LOGGED = ("loss", "dino", "ibot", "koleo", "gram", "grad_norm",
+          "backbone_grad_norm", "dino_head_grad_norm", "ibot_head_grad_norm")
 
 
 def train_step(arch: DINOv2MetaArch, optimizer: torch.optim.Optimizer, batch: dict, step: int,
@@ -63,7 +65,8 @@ def train_step(arch: DINOv2MetaArch, optimizer: torch.optim.Optimizer, batch: di
         batch: collate_multicrop dict on the training device.
         step: the global step number (seeds drop path: torch RNG <- (seed, step, rank)).
         values: this step's lr / weight decay / teacher momentum / teacher temperature.
-    Returns the loss terms and monitor tensors of `arch.forward_losses`, plus grad_norm.
+    Returns the loss terms and monitor tensors of `arch.forward_losses`, plus each module's gradient norm before
+    clipping (`<module>_grad_norm`, official names; each module is clipped on its own) and their total `grad_norm`.
     """
     seed_step(seed, step, rank)
     arch.train()
@@ -73,9 +76,8 @@ def train_step(arch: DINOv2MetaArch, optimizer: torch.optim.Optimizer, batch: di
         arch.gram_teacher.maybe_refresh(step, arch.teacher.backbone)  # before the step, as officially
     out = arch.forward_losses(batch, values.teacher_temp, autocast, values.gram_weight, values.local_dino_weight)
     out["loss"].backward()
-    params = [p for p in arch.student.parameters() if p.grad is not None]
-    max_norm = clip_grad if clip_grad > 0 else math.inf
-    out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+    norms = clip_grad_norm_per_module_(student_modules(arch.student), clip_grad)
+    out.update({f"{name}_grad_norm": norm for name, norm in norms.items()}, grad_norm=total_grad_norm(norms))
     optimizer.step()
     ema_update_(arch.teacher, arch.student, values.momentum)
     out["loss"] = out["loss"].detach()

@@ -10,6 +10,7 @@ Rules (DINOv2 official code, see REFERENCE.md "Training recipe"):
   As in the official code, the tokens and the position embedding DO get weight decay.
 - the heads' last (prototype) layer is frozen (lr 0) for the first freeze_last_layer_epochs.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,37 @@ def build_optimizer(student: nn.Module, cfg: Config) -> torch.optim.AdamW:
     # foreach: one kernel per group and op instead of one per tensor (many small tensors here).
     return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, foreach=True,
                              betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+
+
+def student_modules(student: nn.ModuleDict) -> dict[str, nn.Module]:
+    """The student's modules as the official trainers clip them, each once: {"backbone", "dino_head",
+    "ibot_head"}; a shared iBOT head (the same module as dino_head) is not listed again, as DINOv2 leaves it
+    out of its student dict."""
+    modules = {}
+    for name, module in student.items():
+        if all(module is not seen for seen in modules.values()):
+            modules[name] = module
+    return modules
+
+
+@torch.no_grad()
+def clip_grad_norm_per_module_(modules: dict[str, nn.Module], max_norm: float) -> dict[str, torch.Tensor]:
+    """Clip each module's gradient by its own L2 norm, as DINOv2 and DINOv3 do (train.py: one
+    clip_grad_norm_ per student module). Returns {name: the module's norm before clipping}.
+
+    Norms (40, 10, 5) with max_norm 30 become (30, 10, 5); a joint clip would scale all three by
+    30 / 41.5 = 0.72 (28.9, 7.2, 3.6).
+    max_norm <= 0: no clipping (the norms are still returned).
+    """
+    max_norm = max_norm if max_norm > 0 else math.inf
+    return {name: torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None],
+                                                 max_norm).detach()
+            for name, module in modules.items()}
+
+
+def total_grad_norm(norms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of the whole gradient from the modules' norms (before clipping): sqrt(sum of squares)."""
+    return torch.stack([n.float() for n in norms.values()]).square().sum().sqrt()
 
 
 @dataclass
