@@ -196,15 +196,31 @@ def _dinov3_tiny_cpu_highres() -> Config:
 
 
 def _dinov3_vit7b16_highres() -> Config:
-    """The DINOv3 ViT-7B/16 high-resolution adaptation: ~30k iterations after the Gram stage (1.2M -> 1.23M), every
-    rank at the same resolution each step: globals 512 or 768, locals 112 to 336, Gram-teacher crops 1.5x the
-    global size, Gram weight constant 1.5, local-crop DINO weight 0.5 (REFERENCE.md). The official values fix those
-    ranges; the pairs below and their equal probabilities are ours. Continue the Gram run with --continue-from."""
+    """The DINOv3 ViT-7B/16 high-resolution adaptation (dinov3_vit7b16_high_res_adapt.yaml): a FRESH 30-epoch run
+    (iteration 0, fresh AdamW) from the Gram stage's weights: start it with --init-from GRAM_RUN (weights only) and
+    set gram.teacher. Official values (yaml line numbers):
+    - each step, the same on every rank, one global:local pair with probability (:162-179): 512:112 (0.3),
+      768:112 (0.3), 768:168 (0.3), 768:224 (0.05), 768:336 (0.05); Gram-teacher crops 768 at 512 and 1152 at
+      768 (:180-185), i.e. teacher_scale 1.5. Deviation: 168 px is not a multiple of the 16 px patch; the official
+      patch embedding (stride-16 conv, its multiple-of-patch assert commented out, dinov3/layers/patch_embed.py:67)
+      drops the last 8 px, giving 10 x 10 tokens; we take 160 px locals (the same 10 x 10 tokens).
+    - 8 images per GPU (:70); KoLeo over groups of 16 samples of the global batch (:19-22): with scale/train.py
+      dist.koleo_group_size=2 (that key counts ranks: 2 ranks x 8 images = 16 samples).
+    - lr (:146, :203-209): a cosine from 0 up to 1.25e-5 x 4 sqrt(global batch / 1024) over 10 epochs, then
+      flat (optim.lr_schedule=cosine_rise); last layer never frozen; weight decay 0.04; momentum 0.999 (:220-224).
+    - Gram weight 1.5 constant (:63-68), never refreshed (rep_update false, :52); local-crop DINO weight 0.5
+      (:24-30); teacher temperature 0.07 constant (:215-219).
+    """
     cfg = _dinov3_vit7b16_gram()
-    cfg.train = dataclasses.replace(cfg.train, epochs=1230)
-    cfg.crops = dataclasses.replace(cfg.crops, size_pairs="512:112:0.25,768:112:0.25,768:224:0.25,768:336:0.25")
+    cfg.train = dataclasses.replace(cfg.train, epochs=30, batch_size=8, checkpoint_every=250)
+    cfg.crops = dataclasses.replace(cfg.crops, size_pairs="512:112:0.3,768:112:0.3,768:160:0.3,768:224:0.05,"
+                                                          "768:336:0.05")
+    cfg.loss = dataclasses.replace(cfg.loss, teacher_temp=0.07, warmup_teacher_temp=0.07, warmup_teacher_temp_epochs=0)
+    cfg.optim = dataclasses.replace(cfg.optim, base_lr=1.25e-5, lr_schedule="cosine_rise", warmup_epochs=10,
+                                    freeze_last_layer_epochs=0)
     cfg.gram = dataclasses.replace(cfg.gram, weight=1.5, start_epoch=0, warmup_epochs=0, final_weight=-1.0,
-                                   teacher_scale=1.5, local_dino_weight=0.5)
+                                   teacher_scale=1.5, local_dino_weight=0.5, update_every=0, first_update=0,
+                                   max_updates=0)
     return cfg
 
 
