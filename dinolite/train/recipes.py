@@ -129,6 +129,14 @@ def _dinov3_vit7b16_pretrain() -> Config:
 
     lr (dinov3_vit7b16_pretrain.yaml:118, 151-157; dinov3/train/train.py:169-187): 0 -> 5e-5 x 4 sqrt(global
     batch / 1024) over 100 epochs, then constant (optim.lr_schedule=constant): 4e-4 at the official batch of 4096.
+    Distributed settings (scale.config.RECIPE_DIST): compile, selective activation checkpointing.
+
+    Deviation: the official 7B configs run the blocks' matmuls in FP8 row-wise (fp8_enabled: true, fp8_filter:
+    blocks, pretrain yaml:89-90; torchao float8 training). dinolite computes them in bf16. Expected cost: the
+    blocks' matmuls (~95% of the step's FLOPs at 7B) run at the bf16 rate, up to ~2x slower on H100 (FP8 peak is
+    twice bf16's; in practice torchao reports ~1.3-1.5x end to end), and the numerics differ by FP8 rounding. torchao
+    0.18.0 imports with torch 2.14.1 and emulates row-wise float8 training on CPU (checked), so an optional
+    dist.fp8 could be tested here once torchao is added to the environment.
     """
     return Config(
         model=ModelConfig(img_size=256, patch_size=16, embed_dim=4096, depth=40, num_heads=32, ffn="swiglu64",
