@@ -133,8 +133,9 @@ def _dinov3_vit7b16_pretrain() -> Config:
 
     Deviation: the official 7B configs run the blocks' matmuls in FP8 row-wise (fp8_enabled: true, fp8_filter:
     blocks, pretrain yaml:89-90; torchao float8 training). dinolite computes them in bf16. Expected cost: the
-    blocks' matmuls (~95% of the step's FLOPs at 7B) run at the bf16 rate, up to ~2x slower on H100 (FP8 peak is
-    twice bf16's; in practice torchao reports ~1.3-1.5x end to end), and the numerics differ by FP8 rounding. torchao
+    blocks' matmuls (most of a 7B step's FLOPs) run at the bf16 rate, up to 2x slower than FP8 on H100 (its dense
+    FP8 peak is twice the bf16 one; the end-to-end gain is smaller, not measured here), and the numerics differ
+    by FP8 rounding (not measured). torchao
     0.18.0 imports with torch 2.14.1 and emulates row-wise float8 training on CPU (checked), so an optional
     dist.fp8 could be tested here once torchao is added to the environment.
     """
