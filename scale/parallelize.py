@@ -20,6 +20,7 @@ from dinolite.gram_teacher import GramTeacher
 from dinolite.train.config import Config
 from dinolite.train.meta_arch import DINOv2MetaArch, build_backbone, build_student, build_student_on_meta_and_init
 from dinolite.train.precision import resolve_precision
+from scale import checkpoint as ckpt
 from scale.config import DistConfig
 
 _DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -229,8 +230,9 @@ def build_sharded_arch(cfg: Config, dcfg: DistConfig, device: torch.device) -> D
 
 
 def build_sharded_gram_teacher(cfg: Config, mesh, mp_policy, dcfg: DistConfig, device) -> GramTeacher:
-    """The Gram teacher sharded like the backbones (inference only, freed after forward); rank 0 loads gram.teacher
-    (a dinolite checkpoint or an official-layout file, e.g. written by scale/export.py) and broadcasts it."""
+    """The Gram teacher sharded like the backbones (inference only, freed after forward): from a scale/ run directory
+    (gram.teacher=RUN, gram.teacher_step) every rank reads its shards; else rank 0 loads gram.teacher (a dinolite
+    checkpoint or an official-layout file, e.g. written by scale/export.py) and broadcasts it."""
     g = cfg.gram
     if not g.teacher:
         raise CheckpointError("gram.weight > 0 needs a Gram teacher: set gram.teacher to an official-layout .pth "
@@ -241,11 +243,15 @@ def build_sharded_gram_teacher(cfg: Config, mesh, mp_policy, dcfg: DistConfig, d
     register_fsdp_forward_method(gram.backbone, "forward_features")
     gram.to_empty(device=device)
     _fill_nan_(gram)
-    full = None
-    if dist.get_rank() == 0:
-        loaded = GramTeacher(build_student_on_meta_and_init(cfg, "cpu").backbone)
-        full = loaded.load(g.teacher, None if g.teacher_step < 0 else g.teacher_step).state_dict()
-    _broadcast_full_state(gram, full)
+    scale_run = ckpt.resolve_run_checkpoint(g.teacher, None if g.teacher_step < 0 else g.teacher_step)
+    if scale_run:  # a scale/ run (DCP): every rank reads its rows of the EMA teacher's backbone
+        ckpt.load_teacher_backbone(gram.backbone, scale_run)
+    else:
+        full = None
+        if dist.get_rank() == 0:
+            loaded = GramTeacher(build_student_on_meta_and_init(cfg, "cpu").backbone)
+            full = loaded.load(g.teacher, None if g.teacher_step < 0 else g.teacher_step).state_dict()
+        _broadcast_full_state(gram, full)
     with torch.no_grad():
         gram.n_updates.zero_()
     _check_finite(gram, "Gram teacher")

@@ -157,13 +157,34 @@ def _check_global_batch(output_dir: str, cfg: Config, world_size: int, progress:
                              f"resume with {hint} so the run continues on the same data and schedules")
 
 
+def _start_stage(arch, optimizer, continue_from, init_from, total_steps: int, log) -> int:
+    """The start of a stage from another scale/ run (see train); returns the step to start at."""
+    if continue_from and init_from:
+        raise CheckpointError("give either --continue-from (weights, optimiser and step) or --init-from (weights only)")
+    source = continue_from or init_from
+    path = ckpt.resolve_run_checkpoint(source)
+    if path is None:
+        raise CheckpointError(f"{source} is not a scale/ run directory with dcp_<step> checkpoints")
+    start_step = ckpt.load_stage_start(arch, optimizer, path, weights_only=bool(init_from))
+    if start_step >= total_steps:
+        raise CheckpointError(f"{path} is at step {start_step} but this config ends at step {total_steps}: raise "
+                              "train.epochs to train further")
+    if log:
+        log(f"starting at step {start_step} from {path} ({'weights only' if init_from else 'weights, AdamW, step'})")
+    return start_step
+
+
 def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, stop_at_step: int | None = None,
-          progress: bool | None = None, log=print) -> DINOv2MetaArch:
+          progress: bool | None = None, log=print, continue_from: str | None = None,
+          init_from: str | None = None) -> DINOv2MetaArch:
     """Train on every rank of the initialised process group (init_distributed) and return the sharded arch.
 
     Args mirror dinolite.train.train: data is a --data spec or a dataset; output_dir holds config.yaml,
     metrics.jsonl, dcp_<step>/ checkpoints and, at the end, teacher_backbone_official.pth; a directory with
     checkpoints is resumed. stop_at_step simulates an interruption (a checkpoint is written there).
+    continue_from / init_from ("RUN[@STEP]" of a scale/ run, any process count), when output_dir holds no checkpoint:
+    start this (new) config from that run's weights, AdamW state and step, or from its teacher's weights only at
+    step 0 with a fresh AdamW (scale.checkpoint.load_stage_start), e.g. the DINOv3 Gram and high-resolution stages.
     The returned arch has `history` (the logged records, every rank) and `completed_steps`, `total_steps`.
     """
     t = cfg.train
@@ -195,7 +216,10 @@ def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, st
         start_step = saved["step"]
         if is_main:
             log(f"resuming from step {start_step} (checkpoint {path}, saved by {saved['world_size']} processes)")
-    run_dir.start(start_step, lambda config_path: save_scale_config(cfg, dcfg, config_path))
+    resumed_step = start_step
+    if (continue_from or init_from) and not path:
+        start_step = _start_stage(arch, optimizer, continue_from, init_from, total_steps, log if is_main else None)
+    run_dir.start(resumed_step, lambda config_path: save_scale_config(cfg, dcfg, config_path))
     dist.barrier()
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
 
@@ -252,6 +276,11 @@ def build_parser():
     parser.add_argument("--config", required=True, help=f"a recipe ({', '.join(RECIPES)}) or a YAML file")
     parser.add_argument("--data", required=True, help="dataset spec, e.g. textures, builtin:n=2000,size=64")
     parser.add_argument("--output-dir", required=True, help="checkpoints, logs, config.yaml; resumed if it exists")
+    parser.add_argument("--continue-from", metavar="RUN[@STEP]",
+                        help="start a new stage from another scale/ run's weights, optimiser and step "
+                             "(any process count)")
+    parser.add_argument("--init-from", metavar="RUN[@STEP]",
+                        help="start at step 0 from another scale/ run's teacher weights only (fresh optimiser)")
     parser.add_argument("--stop-at-step", type=int, default=None, help="stop (with a checkpoint) after this step")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.batch_size=16 dist.compile=true")
     return parser
@@ -269,7 +298,8 @@ def main(argv=None) -> int:
     is_main = dist.get_rank() == 0
     torch.set_num_threads(max(1, cfg.train.threads or torch.get_num_threads()))
     try:
-        arch = train(cfg, dcfg, args.data, args.output_dir, stop_at_step=args.stop_at_step)
+        arch = train(cfg, dcfg, args.data, args.output_dir, stop_at_step=args.stop_at_step,
+                     continue_from=args.continue_from, init_from=args.init_from)
     except (DataError, OutputDirError, CheckpointError) as e:
         if is_main:
             print(f"error: {e}", file=sys.stderr)
