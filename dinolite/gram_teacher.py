@@ -39,7 +39,7 @@ class GramTeacher(nn.Module):
     Args:
         backbone: the architecture (a copy is kept; its weights are replaced by `load` or `refresh_from`).
         update_every: refresh every this many steps (0: never refresh).
-        first_update: the first step at which a refresh may happen.
+        first_update: no refresh before this step; refreshes happen at multiples of update_every.
         max_updates: at most this many refreshes (0: no limit).
 
     The number of refreshes done is a buffer (`n_updates`), so a checkpoint of this module resumes the
@@ -74,8 +74,11 @@ class GramTeacher(nn.Module):
         return self
 
     def should_refresh(self, step: int) -> bool:
-        """True at steps first_update, first_update + update_every, ... until max_updates refreshes."""
-        if self.update_every == 0 or step < self.first_update or (step - self.first_update) % self.update_every:
+        """True before `step` when step >= max(first_update, 1) and step % update_every == 0, until max_updates
+        refreshes: DINOv3 (dinov3/train/train.py:535-544) refreshes after iteration it when (it + 1) >=
+        it_first_update and (it + 1) % update_frequency == 0, i.e. before step it + 1 (never before step 0).
+        The multiples of update_every count, not first_update + k x update_every: first 15, every 10 -> 20, 30."""
+        if self.update_every == 0 or step < max(self.first_update, 1) or step % self.update_every:
             return False
         return self.max_updates == 0 or int(self.n_updates) < self.max_updates
 

@@ -12,6 +12,7 @@ the official schedules (arrays built once, indexed by the iteration):
 
 DINOv2 recipe (epoch = 1250 iterations; see `dinov2_schedules`):
     learning rate   0 -> base_lr * sqrt(batch / 1024) over 10 epochs, then cosine to 1e-6
+                    (DINOv3 scales by 4 * sqrt(batch / 1024): scaled_learning_rate's rules, warmup_cosine_constant)
     weight decay    cosine 0.04 -> 0.4
     teacher momentum cosine 0.992 -> 1.0
     teacher temperature linear 0.04 -> 0.07 over 30 epochs, then constant
@@ -70,17 +71,39 @@ def linear_warmup_constant(step: int, warmup_steps: int, start: float, end: floa
     return _linear_warmup(step, warmup_steps, start, end)
 
 
+def cosine_ramp(step: int, ramp_steps: int, start: float, end: float) -> float:
+    """The cosine piece of DINOv3's schedules: start -> end over ramp_steps with both ends included
+    (step 0: start, step ramp_steps - 1: end; numpy cos(linspace(0, pi, n))), then `end`."""
+    step = _check_step(step)
+    if step >= ramp_steps:
+        return end
+    c = 1.0 if ramp_steps == 1 else (1.0 + math.cos(math.pi * step / (ramp_steps - 1))) / 2
+    return (start - end) * c + end
+
+
 def gram_weight(step: int, total_steps: int, weight: float, start_step: int = 0, warmup_steps: int = 0,
                 final_weight: float | None = None) -> float:
-    """DINOv3's Gram loss weight: 0 before `start_step`, then a linear ramp from 0 to `weight` over
-    `warmup_steps`, then `weight` (final_weight None) or a cosine from `weight` to `final_weight` at
-    `total_steps`. (7B refinement: 0 until 1M iterations, a ramp to 2.0, then constant.)"""
+    """DINOv3's Gram loss weight: 0 before `start_step`, then a cosine ramp from 0 to `weight` over
+    `warmup_steps` (cosine_ramp), then `weight` (final_weight None) or a cosine from `weight` to `final_weight`
+    at `total_steps`. 7B (dinov3_vit7b16_gram_anchor.yaml:64-69, loss_weight_schedule start 0, peak 0, end 2.0,
+    warmup_epochs 1000, cosine_epochs 1): 0 until iteration 1M, a cosine ramp to 2.0 over 1000, then constant."""
     step = _check_step(step)
     if step < start_step:
         return 0.0
-    if final_weight is None:
-        return linear_warmup_constant(step - start_step, warmup_steps, 0.0, weight)
-    return cosine_schedule(step - start_step, total_steps - start_step, weight, final_weight, warmup_steps, 0.0)
+    if step - start_step < warmup_steps or final_weight is None:
+        return cosine_ramp(step - start_step, warmup_steps, 0.0, weight)
+    return cosine_schedule(step - start_step - warmup_steps, max(total_steps - start_step - warmup_steps, 1),
+                           weight, final_weight)
+
+
+def local_dino_weight(step: int, weight: float, start_step: int = 0, ramp_steps: int = 0) -> float:
+    """DINOv3's weight of the DINO local-crop pairs in the Gram stage: 1 before `start_step`, then a cosine ramp
+    from 1 to `weight` over ramp_steps, then `weight` (dinov3_vit7b16_gram_anchor.yaml:25-31,
+    local_loss_weight_schedule start 1, peak 1, end 0.5, warmup_epochs 1000, cosine_epochs 1)."""
+    step = _check_step(step)
+    if step < start_step:
+        return 1.0
+    return cosine_ramp(step - start_step, ramp_steps, 1.0, weight)
 
 
 def teacher_temperature(step: int, warmup_steps: int, start: float = 0.04, end: float = 0.07) -> float:
@@ -115,11 +138,43 @@ def teacher_momentum(step: int, total_steps: int, start: float = 0.992, end: flo
     return cosine_schedule(step, total_steps, start, end)
 
 
-def scaled_learning_rate(base_lr: float, global_batch_size: int, reference_batch_size: int = 1024) -> float:
-    """DINOv2's square-root scaling rule: base_lr * sqrt(global_batch / 1024)."""
+SCALING_RULES = ("sqrt_1024", "sqrt_1024_x4", "linear_256", "none")
+
+
+def scaled_learning_rate(base_lr: float, global_batch_size: int, rule: str = "sqrt_1024") -> float:
+    """The peak learning rate of `base_lr` at a global batch, by a scaling rule:
+      sqrt_1024     base_lr * sqrt(batch / 1024)      DINOv2 (dinov2/utils/config.py:25, "sqrt_wrt_1024")
+      sqrt_1024_x4  base_lr * 4 * sqrt(batch / 1024)  DINOv3 (dinov3/train/train.py:170-171 and
+                    dinov3/configs/config.py:52: the same name "sqrt_wrt_1024", a factor 4 more)
+      linear_256    base_lr * batch / 256             (dinov3/train/train.py:164, "linear_wrt_256")
+      none          base_lr
+    """
     if global_batch_size < 1:
         raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
-    return base_lr * math.sqrt(global_batch_size / reference_batch_size)
+    sqrt = math.sqrt(global_batch_size / 1024)
+    factors = {"sqrt_1024": sqrt, "sqrt_1024_x4": 4 * sqrt, "linear_256": global_batch_size / 256, "none": 1.0}
+    if rule not in factors:
+        raise ValueError(f"unknown lr scaling rule {rule!r}: use one of {', '.join(SCALING_RULES)}")
+    return base_lr * factors[rule]
+
+
+def warmup_cosine_constant(step: int, total_steps: int, start: float, peak: float, end: float, warmup_steps: int,
+                           cosine_steps: int | None = None) -> float:
+    """DINOv3's schedule shape (dinov3/train/cosine_lr_scheduler.py, linear_warmup_cosine_decay) at `step`:
+    linear start -> peak over warmup_steps with the peak itself not reached (numpy linspace, endpoint=False),
+    then a cosine from peak to end over cosine_steps (default: the rest of the run) with BOTH ends included,
+    then `end` (also after total_steps).
+
+    7B pre-training lr: start 0, peak = end (constant after the warm-up). High-resolution stage: start = peak = 0,
+    end 1.25e-5, no warm-up, cosine_steps 10 epochs: a cosine rise from 0 to the end value, then flat."""
+    step = _check_step(step)
+    cosine_steps = total_steps - warmup_steps if cosine_steps is None else cosine_steps
+    if warmup_steps < 0 or cosine_steps < 0 or warmup_steps + cosine_steps > total_steps:
+        raise ValueError(f"warm-up ({warmup_steps}) and cosine ({cosine_steps}) steps must be >= 0 and fit in "
+                         f"total_steps ({total_steps}); shorten them or train longer")
+    if step < warmup_steps:
+        return start + (peak - start) * step / warmup_steps
+    return cosine_ramp(step - warmup_steps, cosine_steps, peak, end)
 
 
 def dinov2_schedules(step: int, epochs: int = 100, epoch_length: int = 1250, base_lr: float = 0.004,

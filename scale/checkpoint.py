@@ -26,6 +26,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from dinolite.checkpoint import CheckpointError, parse_run_at_step
+
 # Plain numbers saved with the weights (the data position is the step; see the module docstring).
 PROGRESS_KEYS = ("step", "global_batch", "world_size")
 _NAME = re.compile(r"^dcp_(\d+)$")
@@ -126,3 +128,53 @@ def load_checkpoint(arch, optimizer, path: str) -> dict:
 def full_state_dict(module: torch.nn.Module) -> dict:
     """Collective: the unsharded state dict of `module` on rank 0 (on CPU), {} on the other ranks."""
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def resolve_run_checkpoint(source: str, step: int | None = None) -> str | None:
+    """The dcp_<step> directory of a scale/ run given as "RUN", "RUN@STEP" or RUN with `step` (newest if None);
+    None when `source` is not a scale/ run directory (then it may be a dinolite checkpoint or file)."""
+    if step is None:
+        source, step = parse_run_at_step(source)
+    if _NAME.match(os.path.basename(os.path.normpath(source))) and os.path.isdir(source) and step is None:
+        return source  # a dcp_<step> directory itself
+    if not os.path.isdir(source):
+        return None
+    found = list_checkpoints(source)
+    if not found:
+        return None
+    if step is None:
+        return found[-1][1]
+    by_step = dict(found)
+    if step not in by_step:
+        raise CheckpointError(f"{source} has no checkpoint of step {step} (kept steps: "
+                              f"{', '.join(str(s) for s, _ in found)}); keep it with dist.keep_every")
+    return by_step[step]
+
+
+def load_stage_start(arch, optimizer, path: str, weights_only: bool) -> int:
+    """Collective: start a new stage (a new config) from another scale/ run's checkpoint, saved by any number of
+    processes. weights_only=False: its student, teacher, centering and AdamW state and its step (--continue-from);
+    True: its teacher's weights into student and teacher, a fresh AdamW, step 0 (--init-from, as the official
+    student.resume_from_teacher_chkpt). Its Gram teacher is never taken (gram.teacher says which). Returns the step."""
+    if weights_only:
+        state = {"teacher": get_model_state_dict(arch.teacher)}
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(arch.teacher, state["teacher"])
+        set_model_state_dict(arch.student, state["teacher"])
+        return 0
+    state = {key: value for key, value in _state(arch, optimizer).items() if key != "gram_teacher"}
+    state["progress"] = dict.fromkeys(PROGRESS_KEYS, -1)
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(arch.student, state["student"])
+    set_model_state_dict(arch.teacher, state["teacher"])
+    set_optimizer_state_dict(arch.student, optimizer, state["optimizer"])
+    for name, center_state in state["centers"].items():
+        getattr(arch, name).load_state_dict(center_state, strict=True)
+    return int(state["progress"]["step"])
+
+
+def load_teacher_backbone(backbone, path: str) -> None:
+    """Collective: the EMA teacher's backbone of a scale/ checkpoint into a sharded `backbone` (a Gram teacher)."""
+    state = {"teacher": {f"backbone.{k}": v for k, v in get_model_state_dict(backbone).items()}}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(backbone, {k[len("backbone."):]: v for k, v in state["teacher"].items()})

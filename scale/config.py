@@ -31,6 +31,9 @@ class DistConfig:
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     max_nonfinite: int = 3  # stop after this many consecutive steps with a non-finite loss or gradient
     koleo_group_size: int = 1  # ranks that search KoLeo neighbours together: 1 (DINOv2), 0 (all ranks)
+    # KoLeo neighbours within groups of this many samples of the global batch, a multiple of train.batch_size
+    # (DINOv3's koleo_distributed_loss_group_size, dinov3/loss/koleo_loss.py:84-100); 0: koleo_group_size decides
+    koleo_group_samples: int = 0
 
 
 @dataclass
@@ -39,6 +42,16 @@ class _WithDist:
 
     dist: DistConfig = field(default_factory=DistConfig)
 
+
+# Each official recipe's distributed settings (a recipe's dist.* defaults; overrides and a YAML's dist: section win):
+# dinov3_vit7b16_pretrain.yaml:54-56 (checkpointing true, checkpointing_full false: selective; compile true),
+# dinov3_vit7b16_gram_anchor.yaml:83-85 and dinov3_vit7b16_high_res_adapt.yaml:82-84 (full; compile true),
+# high_res_adapt.yaml:19-22 (distributed KoLeo over groups of 16 samples).
+RECIPE_DIST = {
+    "dinov3-vit7b16-pretrain": dict(compile=True, activation_checkpointing="selective"),
+    "dinov3-vit7b16-gram": dict(compile=True, activation_checkpointing="full"),
+    "dinov3-vit7b16-highres": dict(compile=True, activation_checkpointing="full", koleo_group_samples=16),
+}
 
 _DTYPES = ("bf16", "fp32")
 # dist keys that may change when resuming: they change memory and speed, not what is computed.
@@ -63,6 +76,7 @@ def validate_dist(d: DistConfig) -> None:
     check(d.keep_every >= 0, "keep_every", "must be >= 0 (0: keep only the last train.keep_last)")
     check(d.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")
     check(d.koleo_group_size >= 0, "koleo_group_size", "must be >= 0 (0: all ranks, 1: each rank alone)")
+    check(d.koleo_group_samples >= 0, "koleo_group_samples", "must be >= 0 (0: use dist.koleo_group_size)")
 
 
 def split_dist(d: dict) -> tuple[dict, dict]:
@@ -112,12 +126,17 @@ def load_scale_config(name_or_path: str, overrides: list[str] = ()) -> tuple[Con
             raise ValueError(f"{name_or_path}: {e}") from None
     else:
         cfg = get_config(name_or_path)
+        dist_dict = dict(RECIPE_DIST.get(name_or_path, {}))
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value (e.g. optim.base_lr=0.001)")
     dist_overrides = [o for o in overrides if o.strip().startswith("dist.")]
     cfg = apply_overrides(cfg, [o for o in overrides if not o.strip().startswith("dist.")])
-    return cfg, dist_from_dict(dist_dict, dist_overrides)
+    dcfg = dist_from_dict(dist_dict, dist_overrides)
+    if dcfg.koleo_group_samples % cfg.train.batch_size:
+        raise ValueError(f"config key 'dist.koleo_group_samples': {dcfg.koleo_group_samples} must be a multiple of "
+                         f"train.batch_size={cfg.train.batch_size} (whole ranks form a KoLeo group)")
+    return cfg, dcfg
 
 
 def scale_config_to_dict(cfg: Config, dcfg: DistConfig) -> dict:

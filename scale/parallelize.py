@@ -20,6 +20,7 @@ from dinolite.gram_teacher import GramTeacher
 from dinolite.train.config import Config
 from dinolite.train.meta_arch import DINOv2MetaArch, build_backbone, build_student, build_student_on_meta_and_init
 from dinolite.train.precision import resolve_precision
+from scale import checkpoint as ckpt
 from scale.config import DistConfig
 
 _DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -91,13 +92,20 @@ def apply_activation_checkpointing(block: torch.nn.Module, mode: str) -> None:
 
 
 def shard_backbone(backbone, mesh, mp_policy, reshard_after_forward: bool, ac: str = "none",
-                   compile_blocks: bool = False) -> None:
-    """Per block: activation checkpointing, then torch.compile, then fully_shard; then the backbone root."""
+                   compile_blocks: bool = False, prefetch: bool = True) -> None:
+    """Per block: activation checkpointing, then torch.compile, then fully_shard; then the backbone root.
+
+    prefetch: the official explicit chain (dinov3/fsdp/ac_compile_parallelize.py:118-121): each block prefetches
+    the next one's weights in forward and the previous one's in backward (overlap; the results are the same)."""
     for block in backbone.blocks:
         apply_activation_checkpointing(block, ac)
         if compile_blocks:
             block.compile()
         fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    if prefetch:
+        for before, after in zip(backbone.blocks, backbone.blocks[1:]):
+            before.set_modules_to_forward_prefetch([after])
+            after.set_modules_to_backward_prefetch([before])
     fully_shard(backbone, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     # The meta-architecture calls these methods rather than forward: FSDP2 must gather the root's weights for them.
     register_fsdp_forward_method(backbone, "forward_features")
@@ -170,6 +178,19 @@ def precision_on_every_rank(cfg: Config, device: torch.device) -> str:
     return choice[0]
 
 
+def koleo_group_ranks(dcfg: DistConfig, batch_size: int, world_size: int) -> int | None:
+    """The ranks per KoLeo group (None: all ranks): dist.koleo_group_samples / train.batch_size when set (the
+    official unit, samples; the global batch must split into whole groups, as koleo_loss.py:89-96 asserts), else
+    dist.koleo_group_size (ranks; 0: all)."""
+    if dcfg.koleo_group_samples:
+        ranks = dcfg.koleo_group_samples // batch_size
+        if world_size % ranks:
+            raise ValueError(f"dist.koleo_group_samples={dcfg.koleo_group_samples} ({ranks} ranks of {batch_size}) "
+                             f"does not divide the global batch of {world_size} ranks: use a multiple of ranks")
+        return None if ranks == world_size else ranks
+    return None if dcfg.koleo_group_size == 0 else dcfg.koleo_group_size
+
+
 def build_sharded_arch(cfg: Config, dcfg: DistConfig, device: torch.device) -> DINOv2MetaArch:
     """The DINOv2MetaArch with FSDP2-sharded student, EMA teacher and (gram.weight > 0) Gram teacher.
 
@@ -203,14 +224,15 @@ def build_sharded_arch(cfg: Config, dcfg: DistConfig, device: torch.device) -> D
     gram_teacher = None
     if cfg.gram.weight > 0:
         gram_teacher = build_sharded_gram_teacher(cfg, mesh, mp_policy, dcfg, device)
-    group = None if dcfg.koleo_group_size == 0 else dcfg.koleo_group_size
+    group = koleo_group_ranks(dcfg, cfg.train.batch_size, dist.get_world_size())
     return DINOv2MetaArch(cfg, device=device, student=student, teacher=teacher, gram_teacher=gram_teacher,
                           koleo_group_size=group)
 
 
 def build_sharded_gram_teacher(cfg: Config, mesh, mp_policy, dcfg: DistConfig, device) -> GramTeacher:
-    """The Gram teacher sharded like the backbones (inference only, freed after forward); rank 0 loads gram.teacher
-    (a dinolite checkpoint or an official-layout file, e.g. written by scale/export.py) and broadcasts it."""
+    """The Gram teacher sharded like the backbones (inference only, freed after forward): from a scale/ run directory
+    (gram.teacher=RUN, gram.teacher_step) every rank reads its shards; else rank 0 loads gram.teacher (a dinolite
+    checkpoint or an official-layout file, e.g. written by scale/export.py) and broadcasts it."""
     g = cfg.gram
     if not g.teacher:
         raise CheckpointError("gram.weight > 0 needs a Gram teacher: set gram.teacher to an official-layout .pth "
@@ -221,11 +243,15 @@ def build_sharded_gram_teacher(cfg: Config, mesh, mp_policy, dcfg: DistConfig, d
     register_fsdp_forward_method(gram.backbone, "forward_features")
     gram.to_empty(device=device)
     _fill_nan_(gram)
-    full = None
-    if dist.get_rank() == 0:
-        loaded = GramTeacher(build_student_on_meta_and_init(cfg, "cpu").backbone)
-        full = loaded.load(g.teacher, None if g.teacher_step < 0 else g.teacher_step).state_dict()
-    _broadcast_full_state(gram, full)
+    scale_run = ckpt.resolve_run_checkpoint(g.teacher, None if g.teacher_step < 0 else g.teacher_step)
+    if scale_run:  # a scale/ run (DCP): every rank reads its rows of the EMA teacher's backbone
+        ckpt.load_teacher_backbone(gram.backbone, scale_run)
+    else:
+        full = None
+        if dist.get_rank() == 0:
+            loaded = GramTeacher(build_student_on_meta_and_init(cfg, "cpu").backbone)
+            full = loaded.load(g.teacher, None if g.teacher_step < 0 else g.teacher_step).state_dict()
+        _broadcast_full_state(gram, full)
     with torch.no_grad():
         gram.n_updates.zero_()
     _check_finite(gram, "Gram teacher")

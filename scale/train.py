@@ -11,7 +11,7 @@ The same recipes, keys, losses, schedules and data pipeline as `python -m dinoli
     then: backbone root, each head (student, EMA teacher, Gram teacher: same plan; teachers inference only)
     build on meta -> to_empty -> NaN everywhere -> rank 0 runs the explicit init and broadcasts it into the shards
     step: losses (SK / centre / KoLeo statistics over the global batch) -> backward (FSDP2 reduce-scatters the
-          gradient mean) -> clip by the global norm -> AdamW on the shards -> EMA on the shards (no communication)
+          gradient mean) -> clip each module by its global norm -> AdamW on the shards -> EMA on the shards (local)
 
 NCCL on CUDA, gloo on CPU. Without torchrun it runs as one process. Checkpoints: scale/checkpoint.py (DCP).
 """
@@ -35,7 +35,7 @@ from dinolite.ema import ema_update_
 from dinolite.train.config import Config
 from dinolite.train.data import StepBatches, move_batch, seed_step
 from dinolite.train.meta_arch import DINOv2MetaArch
-from dinolite.train.optim import apply_schedule_, build_optimizer, schedule_values
+from dinolite.train.optim import apply_schedule_, build_optimizer, schedule_values, student_modules, total_grad_norm
 from dinolite.train.precision import describe_precision
 from dinolite.train.recipes import RECIPES
 from dinolite.train.run import (
@@ -70,25 +70,30 @@ class NonFiniteLossError(FloatingPointError):
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
-    """Clip the gradients of sharded parameters by their GLOBAL L2 norm; returns that norm (same on every rank).
+def clip_grad_norm_per_module_(modules: dict, max_norm: float) -> dict[str, torch.Tensor]:
+    """dinolite.train.optim.clip_grad_norm_per_module_ on FSDP2 shards: each module is clipped by the GLOBAL L2
+    norm of its own gradient; returns {name: that norm before clipping} (the same on every rank).
 
-    Each rank sums the squares of its gradient shards, one all-reduce adds the ranks' sums: the norm of the
-    whole gradient, as torch.nn.utils.clip_grad_norm_ computes it in one process.
+    Each rank sums the squares of its gradient shards per module; ONE all-reduce adds the ranks' sums of all
+    modules: each module's norm as torch.nn.utils.clip_grad_norm_ computes it in one process.
     """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if any(not isinstance(g, DTensor) for g in grads):
-        raise TypeError("clip_grad_norm_ expects FSDP2-sharded parameters (DTensor gradients)")
-    local = [local_shard(g) for g in grads]
-    device = local[0].device if local else torch.device("cpu")
-    squares = (torch.stack([n.float() ** 2 for n in torch._foreach_norm(local)]).sum() if local
-               else torch.zeros((), device=device))
+    shards = {}
+    for name, module in modules.items():
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if any(not isinstance(g, DTensor) for g in grads):
+            raise TypeError("clip_grad_norm_per_module_ expects FSDP2-sharded parameters (DTensor gradients)")
+        shards[name] = [local_shard(g) for g in grads]
+    device = next((s[0].device for s in shards.values() if s), torch.device("cpu"))
+    squares = torch.stack([torch.stack([n.float() ** 2 for n in torch._foreach_norm(local)]).sum().to(device)
+                           if local else torch.zeros((), device=device) for local in shards.values()])
     dist.all_reduce(squares)
-    total = squares.sqrt()
+    norms = squares.sqrt()
     if max_norm > 0:
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(local, coef.to(local[0].dtype) if local else coef)
-    return total
+        coefs = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for local, coef in zip(shards.values(), coefs):
+            if local:
+                torch._foreach_mul_(local, coef.to(local[0].dtype))
+    return dict(zip(shards, norms))
 
 
 def _reshard(*models) -> None:
@@ -102,13 +107,14 @@ def _reshard(*models) -> None:
 
 
 LOGGED = ("loss", "dino", "ibot", "koleo", "gram")
+MODULE_NORMS = ("backbone_grad_norm", "dino_head_grad_norm", "ibot_head_grad_norm")  # official names
 
 
 def train_step(arch: DINOv2MetaArch, optimizer, batch: dict, step: int, values, seed: int, clip_grad: float,
                autocast=contextlib.nullcontext) -> dict:
     """dinolite.train.loop.train_step on shards: the same order (seed, schedule, Gram refresh, losses, backward,
-    clip, AdamW, EMA), with the global-norm clip, losses averaged over ranks for the log, and no update at all
-    when the loss or the gradient norm is not finite (returns finite=False)."""
+    clip, AdamW, EMA), with each module clipped by its global norm, losses averaged over ranks for the log, and no
+    update at all when the loss or the gradient norm is not finite (returns finite=False)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     seed_step(seed, step, rank)
     arch.train()
@@ -119,14 +125,15 @@ def train_step(arch: DINOv2MetaArch, optimizer, batch: dict, step: int, values, 
     out = arch.forward_losses(batch, values.teacher_temp, autocast, values.gram_weight, values.local_dino_weight)
     _reshard(arch.teacher, arch.gram_teacher)
     out["loss"].backward()
-    params = [p for p in arch.student.parameters() if p.grad is not None]
-    grad_norm = clip_grad_norm_(params, clip_grad)
+    norms = clip_grad_norm_per_module_(student_modules(arch.student), clip_grad)
+    grad_norm = total_grad_norm(norms)
     # Every rank logs the mean over ranks (the loss of the global batch) and decides the same way.
     terms = [k for k in LOGGED if k in out]
     logged = torch.stack([out[k].detach().float() for k in terms]).to(grad_norm.device)
     dist.all_reduce(logged)
     record = {k: v / world for k, v in zip(terms, logged.tolist())}
     record["grad_norm"] = grad_norm.item()
+    record.update({f"{name}_grad_norm": norm.item() for name, norm in norms.items()})
     record["finite"] = math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
     if record["finite"]:
         optimizer.step()
@@ -150,13 +157,34 @@ def _check_global_batch(output_dir: str, cfg: Config, world_size: int, progress:
                              f"resume with {hint} so the run continues on the same data and schedules")
 
 
+def _start_stage(arch, optimizer, continue_from, init_from, total_steps: int, log) -> int:
+    """The start of a stage from another scale/ run (see train); returns the step to start at."""
+    if continue_from and init_from:
+        raise CheckpointError("give either --continue-from (weights, optimiser and step) or --init-from (weights only)")
+    source = continue_from or init_from
+    path = ckpt.resolve_run_checkpoint(source)
+    if path is None:
+        raise CheckpointError(f"{source} is not a scale/ run directory with dcp_<step> checkpoints")
+    start_step = ckpt.load_stage_start(arch, optimizer, path, weights_only=bool(init_from))
+    if start_step >= total_steps:
+        raise CheckpointError(f"{path} is at step {start_step} but this config ends at step {total_steps}: raise "
+                              "train.epochs to train further")
+    if log:
+        log(f"starting at step {start_step} from {path} ({'weights only' if init_from else 'weights, AdamW, step'})")
+    return start_step
+
+
 def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, stop_at_step: int | None = None,
-          progress: bool | None = None, log=print) -> DINOv2MetaArch:
+          progress: bool | None = None, log=print, continue_from: str | None = None,
+          init_from: str | None = None) -> DINOv2MetaArch:
     """Train on every rank of the initialised process group (init_distributed) and return the sharded arch.
 
     Args mirror dinolite.train.train: data is a --data spec or a dataset; output_dir holds config.yaml,
     metrics.jsonl, dcp_<step>/ checkpoints and, at the end, teacher_backbone_official.pth; a directory with
     checkpoints is resumed. stop_at_step simulates an interruption (a checkpoint is written there).
+    continue_from / init_from ("RUN[@STEP]" of a scale/ run, any process count), when output_dir holds no checkpoint:
+    start this (new) config from that run's weights, AdamW state and step, or from its teacher's weights only at
+    step 0 with a fresh AdamW (scale.checkpoint.load_stage_start), e.g. the DINOv3 Gram and high-resolution stages.
     The returned arch has `history` (the logged records, every rank) and `completed_steps`, `total_steps`.
     """
     t = cfg.train
@@ -188,7 +216,10 @@ def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, st
         start_step = saved["step"]
         if is_main:
             log(f"resuming from step {start_step} (checkpoint {path}, saved by {saved['world_size']} processes)")
-    run_dir.start(start_step, lambda config_path: save_scale_config(cfg, dcfg, config_path))
+    resumed_step = start_step
+    if (continue_from or init_from) and not path:
+        start_step = _start_stage(arch, optimizer, continue_from, init_from, total_steps, log if is_main else None)
+    run_dir.start(resumed_step, lambda config_path: save_scale_config(cfg, dcfg, config_path))
     dist.barrier()
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
 
@@ -245,6 +276,11 @@ def build_parser():
     parser.add_argument("--config", required=True, help=f"a recipe ({', '.join(RECIPES)}) or a YAML file")
     parser.add_argument("--data", required=True, help="dataset spec, e.g. textures, builtin:n=2000,size=64")
     parser.add_argument("--output-dir", required=True, help="checkpoints, logs, config.yaml; resumed if it exists")
+    parser.add_argument("--continue-from", metavar="RUN[@STEP]",
+                        help="start a new stage from another scale/ run's weights, optimiser and step "
+                             "(any process count)")
+    parser.add_argument("--init-from", metavar="RUN[@STEP]",
+                        help="start at step 0 from another scale/ run's teacher weights only (fresh optimiser)")
     parser.add_argument("--stop-at-step", type=int, default=None, help="stop (with a checkpoint) after this step")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.batch_size=16 dist.compile=true")
     return parser
@@ -262,7 +298,8 @@ def main(argv=None) -> int:
     is_main = dist.get_rank() == 0
     torch.set_num_threads(max(1, cfg.train.threads or torch.get_num_threads()))
     try:
-        arch = train(cfg, dcfg, args.data, args.output_dir, stop_at_step=args.stop_at_step)
+        arch = train(cfg, dcfg, args.data, args.output_dir, stop_at_step=args.stop_at_step,
+                     continue_from=args.continue_from, init_from=args.init_from)
     except (DataError, OutputDirError, CheckpointError) as e:
         if is_main:
             print(f"error: {e}", file=sys.stderr)

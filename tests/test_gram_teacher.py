@@ -63,7 +63,11 @@ def test_refresh_schedule_and_exact_resume():
     # Never refreshes without a period; no limit with max_updates=0.
     assert not any(GramTeacher(tiny()).should_refresh(step) for step in range(100))
     unlimited = GramTeacher(tiny(), update_every=5)
-    assert [s for s in range(20) if unlimited.maybe_refresh(s, source)] == [0, 5, 10, 15]
+    # never before step 0: officially the refresh follows iteration it, (it + 1) % 5 == 0 (dinov3/train/train.py:535-544)
+    assert [s for s in range(20) if unlimited.maybe_refresh(s, source)] == [5, 10, 15]
+    # an offset that is not a multiple: the multiples of update_every from first_update on (official), not 15, 25, 35
+    offset = GramTeacher(tiny(), update_every=10, first_update=15, max_updates=3)
+    assert [s for s in range(80) if offset.maybe_refresh(s, source)] == [20, 30, 40]
     with pytest.raises(ValueError, match=">= 0"):
         GramTeacher(tiny(), update_every=-1)
 

@@ -5,11 +5,12 @@ from collections import Counter
 import pytest
 import torch
 
+from dinolite.checkpoint import CheckpointError, latest_checkpoint
 from dinolite.data import SyntheticShapes
 from dinolite.train import apply_overrides, get_config
 from dinolite.train.config import parse_size_pairs
 from dinolite.train.data import StepBatches, crop_sizes_at
-from dinolite.train.optim import gram_values
+from dinolite.train.optim import gram_values, schedule_values
 
 from tests.distributed_utils import run_distributed
 from tests.test_train import MICRO, _run, micro_config
@@ -56,18 +57,48 @@ def test_every_rank_trains_at_the_same_size_each_step():
 
 
 def test_vit7b_highres_recipe_has_the_official_values():
+    """dinov3_vit7b16_high_res_adapt.yaml (line numbers in the recipe's docstring)."""
     cfg = get_config("dinov3-vit7b16-highres")
     pairs = parse_size_pairs(cfg.crops.size_pairs)
-    assert {g for g, _, _ in pairs} == {512, 768}
-    assert min(l for _, l, _ in pairs) == 112 and max(l for _, l, _ in pairs) == 336
-    assert sum(p for _, _, p in pairs) == pytest.approx(1.0)
-    assert cfg.gram.teacher_scale == 1.5 and cfg.gram.weight == 1.5
-    gram_stage_end = get_config("dinov3-vit7b16-gram").total_steps
-    assert gram_stage_end == 1_200_000 and cfg.total_steps - gram_stage_end == 30_000
-    for step in (gram_stage_end, gram_stage_end + 15_000, cfg.total_steps - 1):  # constant through the stage
+    # :162-179 pairs and ratios; 768:168 -> 768:160 (the same 10 x 10 tokens: the official conv drops 8 px)
+    assert pairs == [(512, 112, 0.3), (768, 112, 0.3), (768, 160, 0.3), (768, 224, 0.05), (768, 336, 0.05)]
+    # :180-185 Gram crops 768 at 512 and 1152 at 768
+    assert {g: g * cfg.gram.teacher_scale for g, _, _ in pairs} == {512: 768, 768: 1152}
+    # :70 batch 8 per GPU; :136 + :75 a fresh 30-epoch run of 1000 iterations (started with init_from at step 0)
+    assert cfg.train.batch_size == 8 and cfg.total_steps == 30_000
+    # :63-68 Gram 1.5 constant, :24-30 local DINO 0.5, :52 rep_update false (never refreshed)
+    for step in (0, 15_000, cfg.total_steps - 1):
         assert gram_values(cfg, step, cfg.total_steps, cfg.train.epoch_length) == dict(gram_weight=1.5,
                                                                                       local_dino_weight=0.5)
+    assert cfg.gram.update_every == 0
+    # :203-209 lr: cosine 0 -> 1.25e-5 x 4 sqrt(B / 1024) over 10 epochs (both ends included), then flat;
+    # at 256 GPUs x 8 = 2048: peak 1.25e-5 x 4 x sqrt(2) = 7.07e-5; the middle of the rise (j = 4999.5) is half.
+    peak = 1.25e-5 * 4 * 2 ** 0.5
+    lr = [schedule_values(cfg, s, cfg.total_steps, 1000, 2048).lr for s in (0, 9_999, 10_000, 29_999)]
+    assert lr == pytest.approx([0.0, peak, peak, peak], rel=1e-12)
+    mid = [schedule_values(cfg, s, cfg.total_steps, 1000, 2048).lr for s in (4_999, 5_000)]
+    assert sum(mid) / 2 == pytest.approx(peak / 2, rel=1e-6)
+    # :215-224 teacher temperature 0.07 and momentum 0.999 constant; :208 the last layer is never frozen
+    v = schedule_values(cfg, 0, cfg.total_steps, 1000, 2048)
+    assert (v.teacher_temp, v.momentum, v.last_layer_lr) == (0.07, pytest.approx(0.999), 0.0)
+    assert schedule_values(cfg, 1, cfg.total_steps, 1000, 2048).last_layer_lr > 0
     assert cfg.model.embed_dim == 4096 and cfg.model.patch_size == 16 and cfg.model.pos_embed == "rope"
+
+
+def test_weights_only_start_takes_the_teacher_at_step_0_with_a_fresh_optimiser(tmp_path):
+    """init_from: the official student.resume_from_teacher_chkpt (ssl_meta_arch.py:328-337) loads the teacher's
+    weights into the student and the EMA teacher; the run starts at iteration 0 with a fresh AdamW."""
+    base = tmp_path / "base"
+    _run(micro_config(), base)
+    source = torch.load(latest_checkpoint(str(base)), weights_only=False)
+    started = _run(micro_config("train.epochs=3"), tmp_path / "stage", init_from=str(base), stop_at_step=0)
+    assert started.completed_steps == 0
+    for part in (started.student, started.teacher):
+        assert all(torch.equal(v, source["teacher"][k]) for k, v in part.state_dict().items())
+    stage = _run(micro_config("train.epochs=3"), tmp_path / "stage2", init_from=f"{base}@4")
+    assert [r["step"] for r in stage.history if "loss" in r] == list(range(1, 10))  # 9 steps from 0, not from 4
+    with pytest.raises(CheckpointError, match="either continue_from"):
+        _run(micro_config(), tmp_path / "both", init_from=str(base), continue_from=str(base))
 
 
 def test_tiny_highres_recipe_scales_the_same_choices_down():

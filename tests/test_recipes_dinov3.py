@@ -44,10 +44,18 @@ def test_vit7b_pretrain_matches_reference():
     # Teacher temperature 0.04 -> 0.07 over 100 x 1000 iterations; last layer frozen for 5 epochs.
     assert (lo.warmup_teacher_temp, lo.teacher_temp, lo.warmup_teacher_temp_epochs, t.epoch_length) == (0.04, 0.07, 100, 1000)
     assert o.freeze_last_layer_epochs == 5
-    # 256 GPUs x 16 images = global batch 4096: the lr is constant at 5e-5 x sqrt(4096 / 1024) after the warm-up.
-    values = [schedule_values(cfg, s, t.epochs * t.epoch_length, t.epoch_length, 256 * t.batch_size)
-              for s in (100_000, 500_000, 999_999)]
-    assert all(v.lr == pytest.approx(1e-4) for v in values)
+    # 256 GPUs x 16 images = global batch 4096. DINOv3's "sqrt_wrt_1024" (dinov3_vit7b16_pretrain.yaml:118) is
+    # 4 x sqrt(B / 1024) (dinov3/train/train.py:169-171), applied to peak 5e-5 and end 5e-5
+    # (dinov3_vit7b16_pretrain.yaml:152-157): 5e-5 x 4 x 2 = 4e-4, constant after 100 warm-up epochs.
+    assert (o.scaling_rule, o.lr_schedule) == ("sqrt_1024_x4", "constant")
+    total = t.epochs * t.epoch_length
+    values = [schedule_values(cfg, s, total, t.epoch_length, 256 * t.batch_size) for s in (100_000, 500_000, 999_999)]
+    assert all(v.lr == pytest.approx(4e-4, rel=1e-12) for v in values)
+    # the warm-up: numpy linspace(0, peak, 100000, endpoint=False) (cosine_lr_scheduler.py:77): step 50000 is half
+    assert schedule_values(cfg, 0, total, 1000, 4096).lr == 0.0
+    assert schedule_values(cfg, 50_000, total, 1000, 4096).lr == pytest.approx(2e-4, rel=1e-12)
+    # constant at any batch: 64 images -> 5e-5 x 4 x sqrt(1 / 16) = 5e-5 at the first and last step after warm-up
+    assert [schedule_values(cfg, s, total, 1000, 64).lr for s in (100_000, 999_999)] == pytest.approx([5e-5] * 2)
     assert values[0].momentum == pytest.approx(0.994) and values[-1].weight_decay == pytest.approx(0.04)
 
 
@@ -56,14 +64,24 @@ def test_vit7b_gram_stage_matches_reference():
     g, t = cfg.gram, cfg.train
     total = t.epochs * t.epoch_length
     at = lambda step: schedule_values(cfg, step, total, t.epoch_length, 4096)  # noqa: E731
-    # 0 until 1M iterations, a ramp to 2.0 over ~1k iterations, then constant; local DINO weight 0.5 from then.
+    # dinov3_vit7b16_gram_anchor.yaml:64-69 (Gram: start 0, peak 0, end 2.0, warmup_epochs 1000, cosine_epochs 1)
+    # and :25-31 (local DINO: start 1, peak 1, end 0.5, same epochs), through linear_warmup_cosine_decay
+    # (cosine_lr_scheduler.py:78-83: cos(linspace(0, pi, 1000)), both ends included). At j = 333 and 666 of the
+    # 1000-iteration cosine, cos(pi j / 999) = 0.5 and -0.5: Gram 2 x 0.25 = 0.5 and 1.5, local 0.875 and 0.625.
     assert at(999_999).gram_weight == 0.0 and at(999_999).local_dino_weight == 1.0
-    assert 0.0 <= at(1_000_000).gram_weight < at(1_000_500).gram_weight < 2.0 == at(1_001_000).gram_weight
-    assert at(1_150_000).gram_weight == 2.0 and at(1_000_000).local_dino_weight == 0.5
-    # lr 3e-5 (x sqrt(4) at batch 4096) and teacher momentum 0.999 in this stage.
-    assert at(1_100_000).lr == pytest.approx(6e-5) and at(1_100_000).momentum == pytest.approx(0.999)
-    # Gram teacher: refreshed every 10k from 1.01M, at most 3 times; 512 px crops for 256 px globals.
+    assert [at(1_000_000 + j).gram_weight for j in (0, 333, 666, 999, 1000)] == pytest.approx([0, 0.5, 1.5, 2, 2])
+    assert [at(1_000_000 + j).local_dino_weight for j in (0, 333, 666, 999)] == pytest.approx([1, 0.875, 0.625, 0.5])
+    assert at(1_150_000).gram_weight == 2.0 and at(1_150_000).local_dino_weight == 0.5
+    # lr 3e-5 x 4 x sqrt(4096 / 1024) = 2.4e-4 (gram_anchor.yaml:147, 183-188) and momentum 0.999 (:199-203).
+    assert at(1_100_000).lr == pytest.approx(2.4e-4, rel=1e-12) and at(1_100_000).momentum == pytest.approx(0.999)
+    # Gram teacher (gram_anchor.yaml:53-56): refreshed after iteration it when (it + 1) >= 1.01M and
+    # (it + 1) % 10k == 0, at most 3 times (dinov3/train/train.py:535-544): before steps 1.01M, 1.02M, 1.03M.
     assert (g.update_every, g.first_update, g.max_updates) == (10_000, 1_010_000, 3)
+    from dinolite.gram_teacher import GramTeacher
+    refresh = GramTeacher(torch.nn.Linear(1, 1), g.update_every, g.first_update, g.max_updates)
+    candidates = (1_000_000, 1_009_999, 1_010_000, 1_015_000, 1_020_000, 1_030_000, 1_040_000)
+    assert [s for s in candidates if refresh.maybe_refresh(s, torch.nn.Linear(1, 1))] == [1_010_000, 1_020_000,
+                                                                                          1_030_000]
     assert g.teacher_scale * cfg.crops.global_size == 512 and g.img_level and g.remove_neg == "none"
 
 

@@ -152,10 +152,12 @@ def test_ema_errors():
 def test_gram_weight_schedule_hand_computed():
     from dinolite.schedules import gram_weight
 
-    # 7B refinement shape: off, then a linear ramp 0 -> 2 over 4 steps (both ends included), then constant.
+    # 7B refinement shape (dinov3_vit7b16_gram_anchor.yaml:64-69 through cosine_lr_scheduler.py's
+    # linear_warmup_cosine_decay): off, then a cosine ramp 0 -> 2 over 4 steps (both ends included:
+    # 2 (1 - (1 + cos(pi j / 3)) / 2) = 0, 0.5, 1.5, 2), then constant.
     values = [gram_weight(s, 20, 2.0, start_step=10, warmup_steps=4) for s in range(20)]
     assert values[:10] == [0.0] * 10
-    assert values[10:14] == pytest.approx([0.0, 2 / 3, 4 / 3, 2.0])
+    assert values[10:14] == pytest.approx([0.0, 0.5, 1.5, 2.0])
     assert values[14:] == [2.0] * 6
     # Cosine to a final value after the ramp: half-way through the cosine part it is the mean.
     assert gram_weight(10 + 2 + 4, 10 + 2 + 8, 1.0, start_step=10, warmup_steps=2, final_weight=0.0) == pytest.approx(0.5)
@@ -172,7 +174,51 @@ def test_gram_and_local_dino_weights_from_config():
     before = schedule_values(cfg, 49, 200, 25, 32)
     assert before.gram_weight == 0.0 and before.local_dino_weight == 1.0
     ramp = [schedule_values(cfg, s, 200, 25, 32) for s in (50, 62, 75, 150)]
-    assert [v.local_dino_weight for v in ramp] == [0.5] * 4
-    assert ramp[0].gram_weight == 0.0 and 0.9 < ramp[1].gram_weight < 1.1 and ramp[2].gram_weight == ramp[3].gram_weight == 2.0
+    # both ramp on the same 25-step cosine (official: two schedules with warmup_epochs S, cosine_epochs W); step 62 is
+    # its middle (cos(pi 12 / 24) = 0): Gram 1.0, local DINO 0.75
+    assert [v.local_dino_weight for v in ramp] == pytest.approx([1.0, 0.75, 0.5, 0.5])
+    assert ramp[0].gram_weight == 0.0 and ramp[1].gram_weight == pytest.approx(1.0)
+    assert ramp[2].gram_weight == ramp[3].gram_weight == 2.0
     off = schedule_values(get_config("tiny-cpu"), 150, 200, 25, 32)
     assert off.gram_weight == 0.0 and off.local_dino_weight == 1.0
+
+
+def test_lr_scaling_rules_hand_computed():
+    from dinolite.schedules import scaled_learning_rate
+
+    # DINOv2 dinov2/utils/config.py:25: base x sqrt(B / 1024); DINOv3 dinov3/train/train.py:170: 4 x sqrt(B / 1024);
+    # dinov3/train/train.py:164: base x B / 256.
+    assert scaled_learning_rate(0.004, 4096) == pytest.approx(0.008)
+    assert scaled_learning_rate(0.004, 4096, "sqrt_1024") == pytest.approx(0.008)
+    assert scaled_learning_rate(5e-5, 4096, "sqrt_1024_x4") == pytest.approx(4e-4)
+    assert scaled_learning_rate(1e-3, 512, "linear_256") == pytest.approx(2e-3)
+    assert scaled_learning_rate(1e-3, 512, "none") == 1e-3
+    with pytest.raises(ValueError, match="sqrt_1024_x4"):
+        scaled_learning_rate(1e-3, 512, "sqrt_wrt_1024")
+
+
+def test_dinov3_schedule_shapes_hand_computed():
+    from dinolite.schedules import warmup_cosine_constant
+
+    # High-resolution stage lr (dinov3_vit7b16_high_res_adapt.yaml:203-209: start 0, peak 0, end E, no warm-up,
+    # cosine over 10 epochs): a rise 0 -> E over 10 steps with both ends included, cos(pi j / 9), then E.
+    rise = [warmup_cosine_constant(s, 30, 0.0, 0.0, 1.0, 0, 10) for s in (0, 3, 6, 9, 10, 29, 40)]
+    assert rise == pytest.approx([0.0, 0.25, 0.75, 1.0, 1.0, 1.0, 1.0])
+    # 7B pre-training (start 0, peak = end): linear with endpoint=False over the warm-up, then flat.
+    flat = [warmup_cosine_constant(s, 20, 0.0, 2.0, 2.0, 4) for s in (0, 1, 3, 4, 19)]
+    assert flat == pytest.approx([0.0, 0.5, 1.5, 2.0, 2.0])
+    with pytest.raises(ValueError, match="fit in total_steps"):
+        warmup_cosine_constant(0, 10, 0.0, 1.0, 1.0, 8, 5)
+
+
+def test_lr_rule_and_schedule_are_checked_config_keys():
+    from dinolite.train.config import apply_overrides
+    from dinolite.train.recipes import get_config
+
+    with pytest.raises(ValueError, match="optim.scaling_rule"):
+        apply_overrides(get_config("tiny-cpu"), ["optim.scaling_rule=sqrt_wrt_1024"])
+    with pytest.raises(ValueError, match="optim.lr_schedule"):
+        apply_overrides(get_config("tiny-cpu"), ["optim.lr_schedule=linear"])
+    # Each recipe uses its source's rule: DINOv2 recipes sqrt_1024, the DINOv3 7B recipes sqrt_1024_x4.
+    assert get_config("vitg14-lvd142m").optim.scaling_rule == "sqrt_1024"
+    assert {get_config(f"dinov3-vit7b16-{s}").optim.scaling_rule for s in ("pretrain", "gram")} == {"sqrt_1024_x4"}

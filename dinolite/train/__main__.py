@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--continue-from", metavar="RUN[@STEP]",
                         help="start a new run from another run's checkpoint (its newest, or STEP): weights, "
                              "optimiser and step count, with this config (e.g. a Gram-anchoring stage)")
+    parser.add_argument("--init-from", metavar="RUN[@STEP]",
+                        help="start at step 0 from another run's teacher weights only (fresh optimiser), e.g. the "
+                             "DINOv3 high-resolution stage")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.base_lr=0.001 model.depth=6")
     return parser
@@ -59,7 +62,8 @@ def main(argv=None) -> int:
     from dinolite.train.run import OutputDirError
 
     try:
-        arch = train(cfg, args.data, output_dir=args.output_dir, continue_from=args.continue_from)
+        arch = train(cfg, args.data, output_dir=args.output_dir, continue_from=args.continue_from,
+                     init_from=args.init_from)
     except (DataError, OutputDirError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -100,7 +100,7 @@ class CropConfig:
 
 @dataclass
 class OptimConfig:
-    base_lr: float = 0.004  # scaled by sqrt(global_batch / 1024)
+    base_lr: float = 0.004  # scaled by optim.scaling_rule (DINOv2: sqrt(global_batch / 1024))
     min_lr: float = 1e-6
     warmup_epochs: float = 10
     weight_decay: float = 0.04
@@ -113,6 +113,11 @@ class OptimConfig:
     freeze_last_layer_epochs: float = 1
     adamw_beta1: float = 0.9
     adamw_beta2: float = 0.999
+    # the peak lr = base_lr x rule(global batch): sqrt_1024 (DINOv2), sqrt_1024_x4 (DINOv3), linear_256, none
+    scaling_rule: str = "sqrt_1024"
+    # "cosine": warm-up, then cosine to min_lr (DINOv2); "constant": warm-up, then the peak (DINOv3 7B);
+    # "cosine_rise": a cosine from 0 up to the peak over warmup_epochs, then the peak (DINOv3 high-res stage)
+    lr_schedule: str = "cosine"
 
 
 @dataclass
@@ -144,13 +149,13 @@ class GramConfig:
 
     weight: float = 0.0  # weight of the Gram loss after the warm-up (0: no Gram anchoring)
     start_epoch: float = 0.0  # the Gram loss is off before this epoch
-    warmup_epochs: float = 0.0  # then it ramps linearly from 0 to weight over these epochs
+    warmup_epochs: float = 0.0  # then a cosine ramp 0 -> weight over these epochs (local DINO weight: 1 -> its value)
     final_weight: float = -1.0  # < 0: constant weight after the warm-up; else cosine to this value at the end
     local_dino_weight: float = 0.5  # weight of the DINO local-crop pairs while the Gram loss is on (DINOv3: 0.5)
     teacher: str = ""  # a run directory (see teacher_step), a dinolite checkpoint or an official-layout file
     teacher_step: int = -1  # with a run directory: the checkpoint step to take (-1: its newest)
     update_every: int = 0  # refresh the Gram teacher from the EMA teacher every n steps (0: never)
-    first_update: int = 0  # first step of a refresh
+    first_update: int = 0  # no refresh before this step (refreshes at multiples of update_every, as officially)
     max_updates: int = 0  # at most this many refreshes (0: no limit)
     teacher_scale: float = 2.0  # the teacher sees the same crops at this times the global size (1: the same)
     img_level: bool = True  # one Gram matrix per image (False: one over all patches of the batch)
@@ -454,3 +459,7 @@ def validate(cfg: Config) -> None:
     check(0.0 < o.layerwise_decay <= 1.0, "optim.layerwise_decay", "must be in (0, 1]")
     check(0.0 <= o.momentum_teacher <= 1.0, "optim.momentum_teacher", "must be in [0, 1]")
     check(o.base_lr > 0, "optim.base_lr", "must be > 0")
+    check(o.scaling_rule in ("sqrt_1024", "sqrt_1024_x4", "linear_256", "none"), "optim.scaling_rule",
+          f"must be 'sqrt_1024' (DINOv2), 'sqrt_1024_x4' (DINOv3), 'linear_256' or 'none', got {o.scaling_rule!r}")
+    check(o.lr_schedule in ("cosine", "constant", "cosine_rise"), "optim.lr_schedule",
+          f"must be 'cosine', 'constant' or 'cosine_rise', got {o.lr_schedule!r}")

@@ -35,7 +35,8 @@ from dinolite.losses import DINOLoss, IBOTPatchLoss, koleo_loss
 from dinolite.train.config import Config, apply_overrides, config_from_dict, config_to_dict, parse_students
 from dinolite.train.data import StepBatches, derive_seed, move_batch, seed_step
 from dinolite.train.meta_arch import build_student
-from dinolite.train.optim import StepValues, apply_schedule_, build_optimizer, schedule_values
+from dinolite.train.optim import (StepValues, apply_schedule_, build_optimizer, clip_grad_norm_per_module_,
+                                  schedule_values, student_modules, total_grad_norm)
 from dinolite.train.recipes import get_config
 from dinolite.train.run import (
     Cadence,
@@ -194,9 +195,14 @@ def build_optimizers(arch: DistillArch) -> dict[str, torch.optim.Optimizer]:
     return {name: build_optimizer(arch.students[name], student_cfg) for name, student_cfg in arch.student_cfgs.items()}
 
 
+LOGGED = ("loss", "dino", "ibot", "koleo", "grad_norm", "backbone_grad_norm", "dino_head_grad_norm",
+          "ibot_head_grad_norm")
+
+
 def distill_step(arch: DistillArch, optimizers: dict, batch: dict, step: int, values: StepValues, seed: int = 0,
                  clip_grad: float = 3.0, rank: int = 0, autocast=contextlib.nullcontext) -> dict[str, dict]:
-    """One step for every student: one teacher pass, backward, clip (per student), AdamW, EMA update."""
+    """One step for every student: one teacher pass, backward, clip (per student and module, as officially), AdamW,
+    EMA update. Each student's dict gets `<module>_grad_norm` (before clipping) and their total `grad_norm`."""
     seed_step(seed, step, rank)
     arch.train()
     for optimizer in optimizers.values():
@@ -205,8 +211,8 @@ def distill_step(arch: DistillArch, optimizers: dict, batch: dict, step: int, va
     outs = arch.forward_losses(batch, values.teacher_temp, autocast, values.local_dino_weight)
     sum(out["loss"] for out in outs.values()).backward()  # the students share no parameter
     for name, out in outs.items():
-        params = [p for p in arch.students[name].parameters() if p.grad is not None]
-        out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else math.inf).detach()
+        norms = clip_grad_norm_per_module_(student_modules(arch.students[name]), clip_grad)
+        out.update({f"{module}_grad_norm": norm for module, norm in norms.items()}, grad_norm=total_grad_norm(norms))
         optimizers[name].step()
         ema_update_(arch.emas[name], arch.students[name], values.momentum)
         out["loss"] = out["loss"].detach()
@@ -286,7 +292,7 @@ def train_distill(cfg: Config, data, output_dir=None, stop_at_step=None, knn_dat
                       "images_per_s": throughput(done)}
             for name, out in outs.items():
                 suffix = "" if name == "student" else f"/{name}"
-                record.update({f"{k}{suffix}": out[k].item() for k in ("loss", "dino", "ibot", "koleo", "grad_norm")})
+                record.update({f"{k}{suffix}": out[k].item() for k in LOGGED if k in out})
             log.log(record)
             if not all(math.isfinite(out["loss"].item()) for out in outs.values()):
                 raise FloatingPointError(f"a student's loss is not finite at step {done}: lower optim.base_lr")

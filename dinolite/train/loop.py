@@ -25,7 +25,8 @@ from dinolite.train.config import Config, config_diff, config_from_dict, config_
 from dinolite.train.data import StepBatches, move_batch, seed_step
 from dinolite.train.distill import train_distill
 from dinolite.train.meta_arch import DINOv2MetaArch
-from dinolite.train.optim import StepValues, apply_schedule_, build_optimizer, schedule_values
+from dinolite.train.optim import (StepValues, apply_schedule_, build_optimizer, clip_grad_norm_per_module_,
+                                  schedule_values, student_modules, total_grad_norm)
 from dinolite.train.precision import describe_precision, resolve_precision
 from dinolite.train.run import (
     RESUMABLE_KEYS,
@@ -49,7 +50,8 @@ from dinolite.train.run import (
 SMALL_BATCH = 32
 
 
-LOGGED = ("loss", "dino", "ibot", "koleo", "gram", "grad_norm")
+LOGGED = ("loss", "dino", "ibot", "koleo", "gram", "grad_norm",
+          "backbone_grad_norm", "dino_head_grad_norm", "ibot_head_grad_norm")
 
 
 def train_step(arch: DINOv2MetaArch, optimizer: torch.optim.Optimizer, batch: dict, step: int,
@@ -63,7 +65,8 @@ def train_step(arch: DINOv2MetaArch, optimizer: torch.optim.Optimizer, batch: di
         batch: collate_multicrop dict on the training device.
         step: the global step number (seeds drop path: torch RNG <- (seed, step, rank)).
         values: this step's lr / weight decay / teacher momentum / teacher temperature.
-    Returns the loss terms and monitor tensors of `arch.forward_losses`, plus grad_norm.
+    Returns the loss terms and monitor tensors of `arch.forward_losses`, plus each module's gradient norm before
+    clipping (`<module>_grad_norm`, official names; each module is clipped on its own) and their total `grad_norm`.
     """
     seed_step(seed, step, rank)
     arch.train()
@@ -73,9 +76,8 @@ def train_step(arch: DINOv2MetaArch, optimizer: torch.optim.Optimizer, batch: di
         arch.gram_teacher.maybe_refresh(step, arch.teacher.backbone)  # before the step, as officially
     out = arch.forward_losses(batch, values.teacher_temp, autocast, values.gram_weight, values.local_dino_weight)
     out["loss"].backward()
-    params = [p for p in arch.student.parameters() if p.grad is not None]
-    max_norm = clip_grad if clip_grad > 0 else math.inf
-    out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+    norms = clip_grad_norm_per_module_(student_modules(arch.student), clip_grad)
+    out.update({f"{name}_grad_norm": norm for name, norm in norms.items()}, grad_norm=total_grad_norm(norms))
     optimizer.step()
     ema_update_(arch.teacher, arch.student, values.momentum)
     out["loss"] = out["loss"].detach()
@@ -136,6 +138,19 @@ def continue_training_state(state: dict, arch: DINOv2MetaArch, optimizer, source
     return int(state["step"])
 
 
+def start_from_weights(state: dict, arch: DINOv2MetaArch, source: str) -> None:
+    """A weights-only start (a new stage at step 0 with a fresh optimiser, e.g. DINOv3's high-resolution
+    adaptation): the checkpoint's TEACHER weights go into the student and the teacher, as the official
+    student.resume_from_teacher_chkpt does (dinov3/train/ssl_meta_arch.py:328-337); no optimiser state, no step."""
+    try:
+        arch.student.load_state_dict(state["teacher"], strict=True)
+        arch.teacher.load_state_dict(state["teacher"], strict=True)
+    except (KeyError, RuntimeError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{source} does not fit this config ({first_line}): start from a run with the same "
+                              "model and head settings") from None
+
+
 def _small_batch_warning(cfg: Config, world_size: int) -> str | None:
     B = cfg.train.batch_size
     if B >= SMALL_BATCH:
@@ -150,7 +165,7 @@ def _small_batch_warning(cfg: Config, world_size: int) -> str | None:
 
 def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | None = None,
           knn_data="auto", device=None, progress: bool | None = None,
-          continue_from: str | None = None) -> DINOv2MetaArch:
+          continue_from: str | None = None, init_from: str | None = None) -> DINOv2MetaArch:
     """Train DINOv2 with `cfg` on `data` and return the meta-architecture (teacher and student).
 
     Args:
@@ -168,6 +183,8 @@ def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | 
         continue_from: "RUN_DIR", "RUN_DIR@STEP" or a checkpoint file: when output_dir holds no checkpoint
             yet, start from that checkpoint's weights, optimiser state and step with this (new) config,
             e.g. a Gram-anchoring stage after pre-training. Ignored once output_dir has a checkpoint (resume).
+        init_from: "RUN_DIR", "RUN_DIR@STEP" or a checkpoint file: a weights-only start (start_from_weights: its
+            teacher's weights in student and teacher, a fresh optimiser, step 0), e.g. the high-resolution stage.
     The returned module has `history`: the list of logged records (also in metrics.jsonl).
     It runs with intra_op_threads(cfg.train.threads, cfg.train.num_workers) compute threads and
     restores the previous number afterwards.
@@ -175,13 +192,17 @@ def train(cfg: Config, data, output_dir: str | None = None, stop_at_step: int | 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(intra_op_threads(cfg.train.threads, cfg.train.num_workers))
     try:
-        return _train(cfg, data, output_dir, stop_at_step, knn_data, device, progress, continue_from)
+        return _train(cfg, data, output_dir, stop_at_step, knn_data, device, progress, continue_from, init_from)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progress,
-           continue_from=None) -> DINOv2MetaArch:
+           continue_from=None, init_from=None) -> DINOv2MetaArch:
+    if continue_from and init_from:
+        raise CheckpointError("give either continue_from (weights, optimiser and step) or init_from (weights only)")
+    if cfg.teacher.checkpoint and init_from:
+        raise CheckpointError("init_from starts DINOv2/v3 training; a distillation stage continues with continue_from")
     if cfg.teacher.checkpoint:  # distillation from a frozen teacher (dinolite.train.distill)
         return train_distill(cfg, data, output_dir, stop_at_step, knn_data, device, progress,
                              continue_from=continue_from)
@@ -234,6 +255,11 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
                                   "raise train.epochs to train further")
         if is_main:
             print(f"continuing from step {start_step} of {source} with the new config")
+    if init_from and start_step == 0:
+        source = resolve_checkpoint(init_from)
+        start_from_weights(load_checkpoint(source, map_location=device), arch, source)
+        if is_main:
+            print(f"starting at step 0 from the weights of {source} (fresh optimiser)")
     batches = StepBatches(dataset, cfg, total_steps, start_step, rank, world_size)  # checks the data size
     run_dir.start(resumed_step, save_config_to(cfg))
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)

@@ -10,6 +10,7 @@ Rules (DINOv2 official code, see REFERENCE.md "Training recipe"):
   As in the official code, the tokens and the position embedding DO get weight decay.
 - the heads' last (prototype) layer is frozen (lr 0) for the first freeze_last_layer_epochs.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,37 @@ def build_optimizer(student: nn.Module, cfg: Config) -> torch.optim.AdamW:
                              betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
 
 
+def student_modules(student: nn.ModuleDict) -> dict[str, nn.Module]:
+    """The student's modules as the official trainers clip them, each once: {"backbone", "dino_head",
+    "ibot_head"}; a shared iBOT head (the same module as dino_head) is not listed again, as DINOv2 leaves it
+    out of its student dict."""
+    modules = {}
+    for name, module in student.items():
+        if all(module is not seen for seen in modules.values()):
+            modules[name] = module
+    return modules
+
+
+@torch.no_grad()
+def clip_grad_norm_per_module_(modules: dict[str, nn.Module], max_norm: float) -> dict[str, torch.Tensor]:
+    """Clip each module's gradient by its own L2 norm, as DINOv2 and DINOv3 do (train.py: one
+    clip_grad_norm_ per student module). Returns {name: the module's norm before clipping}.
+
+    Norms (40, 10, 5) with max_norm 30 become (30, 10, 5); a joint clip would scale all three by
+    30 / 41.5 = 0.72 (28.9, 7.2, 3.6).
+    max_norm <= 0: no clipping (the norms are still returned).
+    """
+    max_norm = max_norm if max_norm > 0 else math.inf
+    return {name: torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None],
+                                                 max_norm).detach()
+            for name, module in modules.items()}
+
+
+def total_grad_norm(norms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of the whole gradient from the modules' norms (before clipping): sqrt(sum of squares)."""
+    return torch.stack([n.float() for n in norms.values()]).square().sum().sqrt()
+
+
 @dataclass
 class StepValues:
     """Every scheduled hyper-parameter at one step."""
@@ -97,13 +129,13 @@ def schedule_values(cfg: Config, step: int, total_steps: int, epoch_length: int,
     """The DINOv2 schedules (dinolite.schedules), pure functions of the step, so that a
     resumed run sees exactly the values of an uninterrupted one."""
     o, lo = cfg.optim, cfg.loss
-    peak = schedules.scaled_learning_rate(o.base_lr, global_batch)
     warmup = min(total_steps, int(round(o.warmup_epochs * epoch_length)))
     freeze = int(round(o.freeze_last_layer_epochs * epoch_length))
     temp_warmup = int(round(lo.warmup_teacher_temp_epochs * epoch_length))
+    lr = learning_rate(cfg, step, total_steps, warmup, global_batch)
     return StepValues(
-        lr=schedules.learning_rate(step, total_steps, peak, warmup, o.min_lr),
-        last_layer_lr=schedules.last_layer_learning_rate(step, total_steps, peak, warmup, freeze, o.min_lr),
+        lr=lr,
+        last_layer_lr=0.0 if step < freeze else lr,
         weight_decay=schedules.weight_decay(step, total_steps, o.weight_decay, o.weight_decay_end),
         momentum=schedules.teacher_momentum(step, total_steps, o.momentum_teacher, o.final_momentum_teacher),
         teacher_temp=schedules.teacher_temperature(step, temp_warmup, lo.warmup_teacher_temp, lo.teacher_temp),
@@ -111,9 +143,20 @@ def schedule_values(cfg: Config, step: int, total_steps: int, epoch_length: int,
     )
 
 
+def learning_rate(cfg: Config, step: int, total_steps: int, warmup: int, global_batch: int) -> float:
+    """The lr at `step`: base_lr scaled by optim.scaling_rule, shaped by optim.lr_schedule."""
+    o = cfg.optim
+    peak = schedules.scaled_learning_rate(o.base_lr, global_batch, o.scaling_rule)
+    if o.lr_schedule == "constant":  # dinov3_vit7b16_pretrain.yaml:152-157 (start 0, peak = end)
+        return schedules.warmup_cosine_constant(step, total_steps, 0.0, peak, peak, warmup)
+    if o.lr_schedule == "cosine_rise":  # dinov3_vit7b16_high_res_adapt.yaml:203-209 (peak 0, end, cosine_epochs)
+        return schedules.warmup_cosine_constant(step, total_steps, 0.0, 0.0, peak, 0, warmup)
+    return schedules.learning_rate(step, total_steps, peak, warmup, o.min_lr)
+
+
 def gram_values(cfg: Config, step: int, total_steps: int, epoch_length: int) -> dict:
-    """The Gram loss weight at `step` and the local-crop DINO weight, which DINOv3 lowers (1 -> 0.5)
-    from the step the Gram loss starts."""
+    """The Gram loss weight at `step` and the local-crop DINO weight, which DINOv3 lowers (1 -> 0.5): both ramp on
+    the same cosine over gram.warmup_epochs from gram.start_epoch, as the official yaml's two schedules do."""
     g = cfg.gram
     if g.weight == 0.0:
         return dict(gram_weight=0.0, local_dino_weight=1.0)
@@ -121,7 +164,8 @@ def gram_values(cfg: Config, step: int, total_steps: int, epoch_length: int) -> 
     warmup = int(round(g.warmup_epochs * epoch_length))
     weight = schedules.gram_weight(step, total_steps, g.weight, start, warmup,
                                    None if g.final_weight < 0 else g.final_weight)
-    return dict(gram_weight=weight, local_dino_weight=g.local_dino_weight if step >= start else 1.0)
+    local = schedules.local_dino_weight(step, g.local_dino_weight, start, warmup)
+    return dict(gram_weight=weight, local_dino_weight=local)
 
 
 def apply_schedule_(optimizer: torch.optim.Optimizer, values: StepValues) -> None:

@@ -102,7 +102,8 @@ def _dinov3_tiny_cpu() -> Config:
     4 storage tokens, LayerNorm eps 1e-5, an untied local-CLS norm, separate DINO and iBOT heads with plain
     (not weight-normalised) prototype layers, Sinkhorn-Knopp centering, DINOv3 masking (bin upper edges,
     filled to the exact ratio), subset stochastic depth and no flips. tiny-cpu's deviations for a run of a
-    few hundred CPU steps (no LayerScale, K = 128, sharp teacher, high lr, fp32) are kept."""
+    few hundred CPU steps (no LayerScale, K = 128, sharp teacher, high lr, fp32) are kept, and so is DINOv2's lr rule
+    (optim.scaling_rule=sqrt_1024 with base_lr 0.03: the same peak as 0.0075 under DINOv3's sqrt_1024_x4)."""
     cfg = _tiny_cpu()
     cfg.model = dataclasses.replace(cfg.model, pos_embed="rope", num_register_tokens=4, rope_rescale_coords=2.0,
                                     untie_local_cls_norm=True, mask_k_bias=True)
@@ -126,8 +127,17 @@ def _dinov3_tiny_cpu_gram() -> Config:
 def _dinov3_vit7b16_pretrain() -> Config:
     """The DINOv3 ViT-7B/16 pre-training config (official values; 256 GPUs x 16 images, not for one machine).
 
-    The official lr schedule is 0 -> 5e-5 over 100 epochs, then constant, scaled by sqrt(global batch / 1024):
-    base_lr 5e-5, and min_lr = 1e-4, the scaled value at the official global batch of 4096, keeps it constant.
+    lr (dinov3_vit7b16_pretrain.yaml:118, 151-157; dinov3/train/train.py:169-187): 0 -> 5e-5 x 4 sqrt(global
+    batch / 1024) over 100 epochs, then constant (optim.lr_schedule=constant): 4e-4 at the official batch of 4096.
+    Distributed settings (scale.config.RECIPE_DIST): compile, selective activation checkpointing.
+
+    Deviation: the official 7B configs run the blocks' matmuls in FP8 row-wise (fp8_enabled: true, fp8_filter:
+    blocks, pretrain yaml:89-90; torchao float8 training). dinolite computes them in bf16. Expected cost: the
+    blocks' matmuls (most of a 7B step's FLOPs) run at the bf16 rate, up to 2x slower than FP8 on H100 (its dense
+    FP8 peak is twice the bf16 one; the end-to-end gain is smaller, not measured here), and the numerics differ
+    by FP8 rounding (not measured). torchao
+    0.18.0 imports with torch 2.14.1 and emulates row-wise float8 training on CPU (checked), so an optional
+    dist.fp8 could be tested here once torchao is added to the environment.
     """
     return Config(
         model=ModelConfig(img_size=256, patch_size=16, embed_dim=4096, depth=40, num_heads=32, ffn="swiglu64",
@@ -141,10 +151,10 @@ def _dinov3_vit7b16_pretrain() -> Config:
                         warmup_teacher_temp_epochs=100),
         crops=CropConfig(global_size=256, local_size=112, n_local=8, mask_ratio_mode="upper", complete_masks=True,
                          flip_probability=0.0),
-        optim=OptimConfig(base_lr=5e-5, min_lr=1e-4, warmup_epochs=100, weight_decay=0.04, weight_decay_end=0.04,
+        optim=OptimConfig(base_lr=5e-5, warmup_epochs=100, weight_decay=0.04, weight_decay_end=0.04,
                           momentum_teacher=0.994, final_momentum_teacher=0.994, clip_grad=30.0,
                           layerwise_decay=0.98, patch_embed_lr_mult=0.2, freeze_last_layer_epochs=5,
-                          adamw_beta2=0.99),
+                          adamw_beta2=0.99, scaling_rule="sqrt_1024_x4", lr_schedule="constant"),
         train=TrainConfig(batch_size=16, epochs=1000, epoch_length=1000, precision="bf16", num_workers=10,
                           checkpoint_every=1000, keep_last=3),
     )
@@ -155,13 +165,13 @@ def _dinov3_vit7b16_gram() -> Config:
 
     Official: Gram loss weight 0 until epoch 1000, then to 2.0 over one epoch (a cosine ramp; ours is linear),
     the local-crop DINO weight 1 -> 0.5 (ours switches at epoch 1000), Gram teacher crops 512 px (2x), refreshed
-    from the EMA teacher every 10k iterations from 1.01M, at most 3 times; lr 3e-5 (constant: min_lr = the
-    scaled value at batch 4096), teacher momentum 0.999. Set gram.teacher to the chosen early checkpoint.
+    from the EMA teacher every 10k iterations from 1.01M, at most 3 times; lr 3e-5 x 4 sqrt(global batch / 1024),
+    constant (2.4e-4 at batch 4096; dinov3_vit7b16_gram_anchor.yaml:147, 183-188), teacher momentum 0.999.
+    Set gram.teacher to the chosen early checkpoint.
     """
     cfg = _dinov3_vit7b16_pretrain()
     cfg.train = dataclasses.replace(cfg.train, epochs=1200)
-    cfg.optim = dataclasses.replace(cfg.optim, base_lr=3e-5, min_lr=6e-5, momentum_teacher=0.999,
-                                    final_momentum_teacher=0.999)
+    cfg.optim = dataclasses.replace(cfg.optim, base_lr=3e-5, momentum_teacher=0.999, final_momentum_teacher=0.999)
     cfg.gram = GramConfig(weight=2.0, start_epoch=1000, warmup_epochs=1, local_dino_weight=0.5, teacher_scale=2.0,
                           update_every=10_000, first_update=1_010_000, max_updates=3, img_level=True,
                           remove_neg="none")
@@ -195,15 +205,31 @@ def _dinov3_tiny_cpu_highres() -> Config:
 
 
 def _dinov3_vit7b16_highres() -> Config:
-    """The DINOv3 ViT-7B/16 high-resolution adaptation: ~30k iterations after the Gram stage (1.2M -> 1.23M), every
-    rank at the same resolution each step: globals 512 or 768, locals 112 to 336, Gram-teacher crops 1.5x the
-    global size, Gram weight constant 1.5, local-crop DINO weight 0.5 (REFERENCE.md). The official values fix those
-    ranges; the pairs below and their equal probabilities are ours. Continue the Gram run with --continue-from."""
+    """The DINOv3 ViT-7B/16 high-resolution adaptation (dinov3_vit7b16_high_res_adapt.yaml): a FRESH 30-epoch run
+    (iteration 0, fresh AdamW) from the Gram stage's weights: start it with --init-from GRAM_RUN (weights only) and
+    set gram.teacher. Official values (yaml line numbers):
+    - each step, the same on every rank, one global:local pair with probability (:162-179): 512:112 (0.3),
+      768:112 (0.3), 768:168 (0.3), 768:224 (0.05), 768:336 (0.05); Gram-teacher crops 768 at 512 and 1152 at
+      768 (:180-185), i.e. teacher_scale 1.5. Deviation: 168 px is not a multiple of the 16 px patch; the official
+      patch embedding (stride-16 conv, its multiple-of-patch assert commented out, dinov3/layers/patch_embed.py:67)
+      drops the last 8 px, giving 10 x 10 tokens; we take 160 px locals (the same 10 x 10 tokens).
+    - 8 images per GPU (:70); KoLeo over groups of 16 samples of the global batch (:19-22): with scale/train.py
+      dist.koleo_group_size=2 (that key counts ranks: 2 ranks x 8 images = 16 samples).
+    - lr (:146, :203-209): a cosine from 0 up to 1.25e-5 x 4 sqrt(global batch / 1024) over 10 epochs, then
+      flat (optim.lr_schedule=cosine_rise); last layer never frozen; weight decay 0.04; momentum 0.999 (:220-224).
+    - Gram weight 1.5 constant (:63-68), never refreshed (rep_update false, :52); local-crop DINO weight 0.5
+      (:24-30); teacher temperature 0.07 constant (:215-219).
+    """
     cfg = _dinov3_vit7b16_gram()
-    cfg.train = dataclasses.replace(cfg.train, epochs=1230)
-    cfg.crops = dataclasses.replace(cfg.crops, size_pairs="512:112:0.25,768:112:0.25,768:224:0.25,768:336:0.25")
+    cfg.train = dataclasses.replace(cfg.train, epochs=30, batch_size=8, checkpoint_every=250)
+    cfg.crops = dataclasses.replace(cfg.crops, size_pairs="512:112:0.3,768:112:0.3,768:160:0.3,768:224:0.05,"
+                                                          "768:336:0.05")
+    cfg.loss = dataclasses.replace(cfg.loss, teacher_temp=0.07, warmup_teacher_temp=0.07, warmup_teacher_temp_epochs=0)
+    cfg.optim = dataclasses.replace(cfg.optim, base_lr=1.25e-5, lr_schedule="cosine_rise", warmup_epochs=10,
+                                    freeze_last_layer_epochs=0)
     cfg.gram = dataclasses.replace(cfg.gram, weight=1.5, start_epoch=0, warmup_epochs=0, final_weight=-1.0,
-                                   teacher_scale=1.5, local_dino_weight=0.5)
+                                   teacher_scale=1.5, local_dino_weight=0.5, update_every=0, first_update=0,
+                                   max_updates=0)
     return cfg
 
 
