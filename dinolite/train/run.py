@@ -44,10 +44,32 @@ class OutputDirError(ValueError):
 # devices, threads, precision
 
 
+class UnusableGPUError(RuntimeError):
+    """A GPU is present but torch cannot use it (driver older than torch's CUDA build, a broken install)."""
+
+
+def gpu_present() -> bool:
+    """An NVIDIA GPU is on this machine, whether or not torch can use it (the driver's device files)."""
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+
+
 def resolve_device(name: str) -> torch.device:
+    """train.device -> torch.device. "auto" is CUDA when torch can use a GPU and the CPU when there is none;
+    a GPU that is present but unusable (torch.cuda.is_available() False, e.g. a driver older than this torch's
+    CUDA build) is a loud one-line error rather than a silent CPU run."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if gpu_present():
+            raise UnusableGPUError(f"a GPU is present but torch {torch.__version__} (CUDA {torch.version.cuda}) cannot "
+                                   "use it (torch.cuda.is_available() is False: driver older than the CUDA build?); "
+                                   "update the NVIDIA driver or install a matching torch, or set train.device=cpu")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UnusableGPUError(f"train.device={name} but torch cannot use a GPU here (torch.cuda.is_available() is "
+                               "False); set train.device=cpu or auto, or fix the NVIDIA driver")
+    return device
 
 
 def available_cores() -> int:
