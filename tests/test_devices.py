@@ -232,3 +232,50 @@ def test_distillation_moves_a_passed_in_teacher_to_its_device(tmp_path):
     arch = DistillArch(cfg, "meta", teacher)
     assert {p.device.type for p in arch.teacher.parameters()} == {"meta"}
     assert {p.device.type for p in arch.students.parameters()} == {"meta"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the notebooks' GPU branches (chapters 7, 9, 10: FAST = not torch.cuda.is_available())
+
+
+def test_gram_teacher_patch_features_take_images_from_any_device():
+    """Old code fed the images as given: CPU images into a GPU-trained backbone (chapter 9) failed. 'meta' stands
+    for the GPU: the images go to the backbone's device and the features come back from there."""
+    from dinolite import models
+    from dinolite.gram_teacher import GramTeacher
+
+    backbone = models.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=1).to("meta")
+    feats = GramTeacher(backbone).patch_features(torch.randn(2, 3, 32, 32))
+    assert feats.device.type == "meta" and feats.shape == (2, 16, 32)
+
+
+MODEL_CALL = ("arch.", ".backbone(", "forward_features(", "patch_features(")
+RANDOM_INPUT = ("torch.randn(", "torch.rand(", "torch.zeros(", "torch.ones(", "torch.empty(")
+
+
+def _code_cells(chapter):
+    import json
+
+    path = next((ROOT / "book").glob(f"{chapter:02d}_*.ipynb"))
+    return [(i, "".join(c["source"])) for i, c in enumerate(json.loads(path.read_text())["cells"])
+            if c["cell_type"] == "code"]
+
+
+@pytest.mark.parametrize("chapter", [7, 9, 10])
+def test_notebook_cells_give_trained_models_inputs_on_their_device(chapter):
+    """On a GPU, chapters 7, 9 and 10 train on CUDA. A cell that makes an input tensor and calls a trained model
+    names the device (old chapter 7: a CPU input into the CUDA teacher); a helper that calls forward_features
+    itself moves its images to the backbone's device (old chapter 10: patch_grids); features of GPU backbones
+    are brought to the CPU before they meet CPU features (old chapter 9: gram_loss of CUDA and CPU features)."""
+    problems = []
+    for i, src in _code_cells(chapter):
+        if not any(m in src for m in MODEL_CALL) or "torch.device(\"meta\")" in src:
+            continue
+        for line in src.splitlines():
+            if any(r in line for r in RANDOM_INPUT) and "device=" not in line:
+                problems.append(f"cell {i}: {line.strip()}")
+        if ".forward_features(" in src and "def " in src and ".to(next(" not in src:
+            problems.append(f"cell {i}: a helper calls forward_features without moving its input to the model")
+        if "refined[" in src and "patch_features(" in src and ".cpu()" not in src:
+            problems.append(f"cell {i}: GPU-trained features meet CPU features")
+    assert problems == []
