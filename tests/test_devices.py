@@ -279,3 +279,44 @@ def test_notebook_cells_give_trained_models_inputs_on_their_device(chapter):
         if "refined[" in src and "patch_features(" in src and ".cpu()" not in src:
             problems.append(f"cell {i}: GPU-trained features meet CPU features")
     assert problems == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the prepared GPU check
+
+
+def test_the_gpu_check_covers_every_gpu_path(tmp_path):
+    from scale.gpu_check import checks
+
+    gpu = {name: (commands, limit) for name, commands, limit in checks(str(tmp_path), cpu=False)}
+    assert sum(limit for _, limit in gpu.values()) <= 1500  # each bounded; together ~10 min on an H100
+    loop = " ".join(gpu["loop"][0][0])
+    assert "vits16-imagenette-1gpu" in loop and "train.epoch_length=60" in loop and "sinkhorn_knopp" in loop
+    scale = [" ".join(c) for c in gpu["scale"][0]]
+    assert "--stop-at-step" in scale[0] and "selective" in scale[0] and "--stop-at-step" not in scale[1]
+    assert any("scale.export" in c for c in scale)
+    assert "dist.compile=true" in " ".join(gpu["compile"][0][0])
+    assert gpu["vitg"][0] == [["bash", "scale/smoke_gpu.sh"]]
+    assert {"book/07_training.ipynb", "book/09_gram_anchoring.ipynb", "book/10_distillation.ipynb"} <= \
+        set(gpu["chapters"][0][0])
+
+
+def test_the_gpu_check_refuses_to_run_without_a_gpu(monkeypatch, capsys):
+    from scale import gpu_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main([]) == 2
+    assert "--cpu-dry-run" in capsys.readouterr().err
+
+
+def test_the_gpu_check_dry_run_prints_its_table(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(["bash", "scale/smoke_gpu.sh", "--check", "--cpu-dry-run", "--only", "vitg,compile",
+                           "--keep", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = done.stdout.split("last line\n")[1].splitlines()
+    assert [row.split()[:2] for row in table] == [["compile", "skipped"], ["vitg", "ok"]]
+    assert (tmp_path / "check.log").exists()
