@@ -320,3 +320,24 @@ def test_the_gpu_check_dry_run_prints_its_table(tmp_path):
     table = done.stdout.split("last line\n")[1].splitlines()
     assert [row.split()[:2] for row in table] == [["compile", "skipped"], ["vitg", "ok"]]
     assert (tmp_path / "check.log").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# feeding a GPU: pinned memory, /dev/shm
+
+
+def test_the_loader_pins_memory_for_a_gpu_and_warns_when_dev_shm_is_short(monkeypatch, tmp_path):
+    import collections
+    import shutil
+
+    from dinolite.train import get_config, run
+
+    cfg = get_config("vits16-imagenette-1gpu")
+    # 64 images x 4 bytes x 3 x (2 x 224^2 + 8 x 96^2) = 134 MB a batch; 8 workers x 2 prefetched batches
+    assert run.shared_memory_need(cfg, 8) == 8 * 2 * 64 * 4 * 3 * (2 * 224 ** 2 + 8 * 96 ** 2)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64 * 2**20, 0, 64 * 2**20))
+    with pytest.warns(UserWarning, match=r"holds 64 MB but 8 data workers need about 2040 MB.*--shm-size=3g"):
+        run.warn_if_shared_memory_short(cfg, 8, str(tmp_path))
+    loader = run.make_loader(list(range(3)), 0, torch.device("cuda"))
+    assert loader.pin_memory and not run.make_loader(list(range(3)), 0, torch.device("cpu")).pin_memory
