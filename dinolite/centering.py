@@ -12,7 +12,6 @@ Both are distributed-aware: with an initialised process group every batch statis
 the global batch, so N ranks holding B/N rows each give the same result as one rank holding B.
 """
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from dinolite import distributed
@@ -61,16 +60,20 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     local_batch, num_prototypes = teacher_logits.shape
     # B is the number of rows over all ranks, counted rather than assumed to be local * world:
     # ranks hold different numbers of masked patches when this centres iBOT targets.
-    global_batch = int(distributed.all_reduce_sum_(torch.tensor(local_batch, dtype=torch.int64)))
+    # Counted on the logits' device (NCCL reduces only device tensors) and kept there: log B without a host sync.
+    device = teacher_logits.device
+    global_batch = distributed.all_reduce_sum_(torch.tensor(float(local_batch), device=device))
+    log_b = torch.log(global_batch)
+    log_k = torch.log(torch.tensor(float(num_prototypes), device=device))
     log_q = teacher_logits.float().t() / teacher_temp  # [K, B]
     log_q = log_q - _global_logsumexp(log_q, dim=(0, 1))  # Q /= sum(Q)
     for _ in range(int(n_iterations)):
         # Each prototype (row) gets total mass 1/K ...
-        log_q = log_q - _global_logsumexp(log_q, dim=1) - torch.log(torch.tensor(float(num_prototypes)))
+        log_q = log_q - _global_logsumexp(log_q, dim=1) - log_k
         # ... then each sample (column) gets total mass 1/B. Columns live on one rank: no reduction.
-        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - torch.log(torch.tensor(float(global_batch)))
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - log_b
     # Q *= B: each sample's column now sums to 1.
-    return torch.exp(log_q + torch.log(torch.tensor(float(global_batch)))).t()
+    return torch.exp(log_q + log_b).t()
 
 
 def _apply_pending_before_saving(module, prefix, keep_vars):
@@ -154,4 +157,4 @@ class SoftmaxCenter(nn.Module):
         has_rows = rank_mean.new_full((1, 1), float(rows > 0))
         self._pending_sum = torch.cat([rank_mean, has_rows], dim=1)
         if distributed.is_enabled():
-            self._pending_work = dist.all_reduce(self._pending_sum, op=dist.ReduceOp.SUM, async_op=True)
+            self._pending_work = distributed.all_reduce_(self._pending_sum, async_op=True)

@@ -98,7 +98,9 @@ class GramTeacher(nn.Module):
     @torch.no_grad()
     def patch_features(self, images: torch.Tensor, student_grid: tuple[int, int] | None = None) -> torch.Tensor:
         """images [B, 3, H, W] -> final-norm patch features [B, P, D] in fp32, resized to student_grid
-        (h, w) if given and different from this teacher's grid (high-resolution teacher)."""
-        patches = self.backbone.forward_features(images)["x_norm_patchtokens"]
+        (h, w) if given and different from this teacher's grid (high-resolution teacher). Computed on the
+        backbone's device (the images are moved there: CPU images into a GPU teacher work) and returned there."""
+        device = next(self.backbone.parameters()).device
+        patches = self.backbone.forward_features(images.to(device))["x_norm_patchtokens"]
         grid = (images.shape[-2] // self.backbone.patch_size, images.shape[-1] // self.backbone.patch_size)
         return resize_patch_grid(patches, grid, student_grid or grid)

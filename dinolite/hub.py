@@ -121,12 +121,14 @@ def load_official(model: models.VisionTransformer, state_dict: dict) -> models.V
 
 
 def export_official(model: models.VisionTransformer) -> dict[str, Tensor]:
-    """Our state dict in the official layout (DINOv2 names; RoPE models use DINOv3's storage_tokens)."""
+    """Our state dict in the official layout (DINOv2 names; RoPE models use DINOv3's storage_tokens), on the CPU
+    whatever the model's device, so that a file saved from it loads with a plain torch.load on a machine
+    without a GPU (a model on 'meta' gives meta tensors: the layout and shapes)."""
     out = {}
     for key, tensor in model.state_dict().items():
         if key == "register_tokens" and model.rope_embed is not None:
             key = "storage_tokens"
-        out[key] = tensor
+        out[key] = tensor.detach() if tensor.is_meta else tensor.detach().to("cpu")  # meta: shapes only
     return out
 
 

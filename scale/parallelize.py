@@ -14,12 +14,14 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from dinolite import distributed
 from dinolite.checkpoint import CheckpointError
 from dinolite.ema import make_teacher
 from dinolite.gram_teacher import GramTeacher
 from dinolite.train.config import Config
 from dinolite.train.meta_arch import DINOv2MetaArch, build_backbone, build_student, build_student_on_meta_and_init
 from dinolite.train.precision import resolve_precision
+from dinolite.train.run import resolve_device
 from scale import checkpoint as ckpt
 from scale.config import DistConfig
 
@@ -35,21 +37,31 @@ def local_shard(tensor):
 # process group
 
 
+def local_cuda_device(local_rank: int, device_count: int) -> torch.device:
+    """This process's GPU: cuda:(LOCAL_RANK mod visible GPUs). torchrun shows every GPU of the node to every
+    process (LOCAL_RANK picks one); SLURM with one GPU per task shows each process only its own (cuda:0)."""
+    if device_count < 1:
+        raise RuntimeError("train.device=cuda but no GPU is visible (CUDA_VISIBLE_DEVICES?); use train.device=cpu")
+    return torch.device("cuda", local_rank % device_count)
+
+
 def init_distributed(device_name: str = "auto") -> torch.device:
-    """Join the torchrun process group (NCCL on CUDA, gloo on CPU), or make a group of one process."""
-    use_cuda = torch.cuda.is_available() if device_name == "auto" else device_name.startswith("cuda")
+    """Join the torchrun process group, or make a group of one process. On CUDA the group has NCCL for GPU
+    tensors and gloo for CPU tensors ("cpu:gloo,cuda:nccl"); on CPU, gloo. Collectives are then checked
+    against the returned device (dinolite.distributed.set_collective_device)."""
+    use_cuda = resolve_device(device_name).type == "cuda"
     if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device("cuda", local_rank)
+        device = local_cuda_device(int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        backend = "nccl" if use_cuda else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
         if "RANK" in os.environ:
             dist.init_process_group(backend, device_id=device if use_cuda else None)
         else:  # python scale/train.py: one process
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    distributed.set_collective_device(device)
     return device
 
 
@@ -134,8 +146,10 @@ def _check_finite(module: torch.nn.Module, what: str) -> None:
     bad = [name for name, tensor in list(module.named_parameters()) + list(module.named_buffers())
            if tensor.is_floating_point() and not torch.isfinite(
                tensor.to_local() if isinstance(tensor, DTensor) else tensor).all()]
-    flag = torch.tensor(len(bad), dtype=torch.float32)
-    dist.all_reduce(flag)
+    tensors = list(module.parameters()) + list(module.buffers())
+    device = local_shard(tensors[0]).device if tensors else distributed.collective_device()
+    flag = torch.tensor(float(len(bad)), device=device)  # on the training device: NCCL reduces no CPU tensor
+    distributed.all_reduce_(flag)
     if flag.item():
         raise RuntimeError(f"{what}: not initialised on some rank (NaN after materialising): {bad[:5]}")
 
@@ -153,7 +167,7 @@ def _broadcast_full_state(module, full_state: dict | None) -> None:
             full = full_state[name].to(device=local.device, dtype=local.dtype)
         else:
             full = torch.empty(tensor.shape, dtype=local.dtype, device=local.device)
-        dist.broadcast(full, src=0)
+        distributed.broadcast_(full, src=0)
         if isinstance(tensor, DTensor):  # keep this rank's part; no communication (src_data_rank=None)
             full = distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None).to_local()
         local.copy_(full)

@@ -6,6 +6,10 @@
 #   bash scale/smoke_gpu.sh            # batch 16 per GPU
 #   bash scale/smoke_gpu.sh 24         # another batch per GPU
 #   bash scale/smoke_gpu.sh --tiny     # a tiny model on CPU: checks this script without a GPU
+#   bash scale/smoke_gpu.sh --check    # the whole first-GPU check (scale/gpu_check.py, < 10 min): the 60-step
+#                                      # ViT-S/16 loop, NCCL scale/ run + DCP resume + export, dist.compile, this
+#                                      # ViT-g smoke test, chapters 7/9/10 under nbval; prints one table
+#   bash scale/smoke_gpu.sh --check --cpu-dry-run   # the same as far as a CPU allows
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -13,6 +17,10 @@ PY=${PYTHON:-.venv/bin/python}
 
 if [ "${1:-}" = "--tiny" ]; then
     exec "$PY" -m scale.smoke --tiny --steps 3 --warmup 1
+fi
+if [ "${1:-}" = "--check" ]; then
+    shift
+    exec "$PY" -m scale.gpu_check "$@"
 fi
 BATCH=${1:-16}
 PLAN=$(mktemp)

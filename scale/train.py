@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from dinolite import distributed
 from dinolite.checkpoint import CheckpointError
 from dinolite.data import DATA_SPEC_FORMS, DataError
 from dinolite.ema import ema_update_
@@ -46,6 +47,7 @@ from dinolite.train.run import (
     RunDir,
     Steps,
     Throughput,
+    UnusableGPUError,
     make_autocast,
     make_loader,
     run_length,
@@ -83,10 +85,11 @@ def clip_grad_norm_per_module_(modules: dict, max_norm: float) -> dict[str, torc
         if any(not isinstance(g, DTensor) for g in grads):
             raise TypeError("clip_grad_norm_per_module_ expects FSDP2-sharded parameters (DTensor gradients)")
         shards[name] = [local_shard(g) for g in grads]
-    device = next((s[0].device for s in shards.values() if s), torch.device("cpu"))
+    device = next((s[0].device for s in shards.values() if s),
+                  distributed.collective_device() or torch.device("cpu"))
     squares = torch.stack([torch.stack([n.float() ** 2 for n in torch._foreach_norm(local)]).sum().to(device)
                            if local else torch.zeros((), device=device) for local in shards.values()])
-    dist.all_reduce(squares)
+    distributed.all_reduce_(squares)
     norms = squares.sqrt()
     if max_norm > 0:
         coefs = (max_norm / (norms + 1e-6)).clamp(max=1.0)
@@ -130,7 +133,7 @@ def train_step(arch: DINOv2MetaArch, optimizer, batch: dict, step: int, values, 
     # Every rank logs the mean over ranks (the loss of the global batch) and decides the same way.
     terms = [k for k in LOGGED if k in out]
     logged = torch.stack([out[k].detach().float() for k in terms]).to(grad_norm.device)
-    dist.all_reduce(logged)
+    distributed.all_reduce_(logged)
     record = {k: v / world for k, v in zip(terms, logged.tolist())}
     record["grad_norm"] = grad_norm.item()
     record.update({f"{name}_grad_norm": norm.item() for name, norm in norms.items()})
@@ -191,7 +194,7 @@ def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, st
     rank, world_size = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0
     device = torch.device("cuda", torch.cuda.current_device()) if (
-        t.device != "cpu" and torch.cuda.is_available() and dist.get_backend() == "nccl") else torch.device("cpu")
+        t.device != "cpu" and torch.cuda.is_available() and "nccl" in str(dist.get_backend())) else torch.device("cpu")
     progress = t.progress if progress is None else progress
     dataset, _ = training_data(data, cfg, knn_data=None)
     global_batch = t.batch_size * world_size
@@ -294,7 +297,12 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here: say it once
             print(f"error: {e}", file=sys.stderr)
         return 2
-    device = init_distributed(cfg.train.device)
+    try:
+        device = init_distributed(cfg.train.device)
+    except UnusableGPUError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     is_main = dist.get_rank() == 0
     torch.set_num_threads(max(1, cfg.train.threads or torch.get_num_threads()))
     try:

@@ -307,3 +307,23 @@ def test_photometric_ops_match_torchvision():
     assert torch.allclose(A.adjust_saturation(x, 0.7), TF.adjust_saturation(x, 0.7), atol=2e-4)
     assert torch.allclose(A.grayscale(x), TF.rgb_to_grayscale(x, num_output_channels=3), atol=2e-4)
     assert torch.equal(A.solarize(x, 0.5), TF.solarize(x, 0.5))
+
+
+def test_uint8_images_are_cropped_before_conversion_with_the_same_numbers():
+    """Only each crop's box is converted to float (issue 28: the whole image was converted first); converting
+    the whole image, then cropping and resizing (the obvious version), gives the same bits."""
+    import torchvision.transforms.v2.functional as TF
+
+    from dinolite.data.augment import _resized_crop, _unconverted
+
+    array = np.random.default_rng(0).integers(0, 256, (75, 100, 3), dtype=np.uint8)
+    source = _unconverted(Image.fromarray(array))
+    assert source.dtype == torch.uint8 and source.shape == (3, 75, 100)
+    whole = torch.from_numpy(array).permute(2, 0, 1).float() / 255
+    for box, size in [((0, 0, 75, 100), 32), ((10, 20, 30, 41), 24), ((74, 99, 1, 1), 8)]:
+        expected = TF.resized_crop(whole, *box, size=[size, size], interpolation=TF.InterpolationMode.BICUBIC,
+                                   antialias=True).clamp(0, 1)
+        got = _resized_crop(source, box, size)
+        assert got.dtype == torch.float32 and got.is_contiguous()
+        assert torch.equal(got, expected)
+        assert torch.equal(_resized_crop(whole, box, size), expected)

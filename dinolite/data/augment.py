@@ -235,6 +235,30 @@ def random_resized_crop_box(height: int, width: int, scale, ratio=(3 / 4, 4 / 3)
     return (height - h) // 2, (width - w) // 2, max(h, 1), max(w, 1)
 
 
+def _unconverted(image) -> torch.Tensor:
+    """A PIL image or a uint8 RGB array/tensor -> uint8 tensor [3, H, W] (no float copy of the whole image);
+    anything else -> to_float_tensor(image)."""
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.asarray(to_rgb(image), dtype=np.uint8).copy()).permute(2, 0, 1)
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3:
+        return image
+    return to_float_tensor(image)
+
+
+def _resized_crop(image: torch.Tensor, box, size: int) -> torch.Tensor:
+    """image [3, H, W] (uint8 or float in [0, 1]), box (top, left, height, width) inside it -> the box resized to
+    [3, size, size], float32 in [0, 1] (bicubic, antialiased). Only the box is converted to float: the same
+    numbers as converting the whole image first (conversion is per pixel), at a fraction of the work."""
+    top, left, height, width = box
+    region = image[:, top:top + height, left:left + width]
+    if region.dtype == torch.uint8:  # converted channels-last (the decoded image's own layout): one pass, no copy
+        region = region.permute(1, 2, 0).float().div_(255).permute(2, 0, 1)
+    crop = TF.resize(region, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True).clamp_(0, 1)
+    return crop.contiguous()
+
+
 class MultiCropAugmentation:
     """Image -> dict(global_crops=[2 x Tensor[3,G,G]], local_crops=[n_local x Tensor[3,L,L]]).
 
@@ -336,8 +360,7 @@ class MultiCropAugmentation:
     def _crop(self, image, size, scale, generator, record):
         _, height, width = image.shape
         box = random_resized_crop_box(height, width, scale, generator=generator)
-        crop = TF.resized_crop(image, *box, size=[size, size],
-                               interpolation=TF.InterpolationMode.BICUBIC, antialias=True).clamp_(0, 1)
+        crop = _resized_crop(image, box, size)
         record["box"] = box  # (top, left, height, width) in input pixels
         record["flip"] = _coin(generator, self.flip_p)
         if record["flip"]:
@@ -351,7 +374,7 @@ class MultiCropAugmentation:
         (float32, normalised), plus "gram_crops" if gram_size is set, plus "params" (one dict
         per crop: box, flip, jitter, grayscale, blur_sigma, solarize) if return_params.
         """
-        x = to_float_tensor(image)
+        x = _unconverted(image)  # uint8 stays uint8: only the crops are converted to float (_resized_crop)
         out = {"global_crops": [], "local_crops": []}
         params = {"global": [], "local": []}
         gram = []
@@ -363,8 +386,7 @@ class MultiCropAugmentation:
             out["global_crops"].append(normalize(crop))
             params["global"].append(record)
             if self.gram_size is not None:
-                g = TF.resized_crop(x, *record["box"], size=[self.gram_size] * 2,
-                                    interpolation=TF.InterpolationMode.BICUBIC, antialias=True).clamp_(0, 1)
+                g = _resized_crop(x, record["box"], self.gram_size)
                 gram.append(normalize(TF.horizontal_flip(g) if record["flip"] else g))
         for _ in range(self.n_local):
             record = {}

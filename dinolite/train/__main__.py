@@ -59,12 +59,12 @@ def main(argv=None) -> int:
         return 0
     from dinolite.checkpoint import CheckpointError
     from dinolite.train.loop import train
-    from dinolite.train.run import OutputDirError
+    from dinolite.train.run import OutputDirError, UnusableGPUError
 
     try:
         arch = train(cfg, args.data, output_dir=args.output_dir, continue_from=args.continue_from,
                      init_from=args.init_from)
-    except (DataError, OutputDirError, CheckpointError) as e:
+    except (DataError, OutputDirError, CheckpointError, UnusableGPUError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     last = next((r for r in reversed(arch.history) if "knn_top1" in r), None)

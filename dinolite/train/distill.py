@@ -84,7 +84,7 @@ class FrozenTeacher(nn.Module):
             cls_logits = self.dino_head(out["x_norm_clstoken"])
             patch_logits = self.ibot_head(out["x_norm_patchtokens"].flatten(0, 1)[positions])
         dino = sinkhorn_knopp(cls_logits.float(), teacher_temp)  # both global crops centred together
-        ibot = sinkhorn_knopp(patch_logits.float(), teacher_temp) if len(positions) else patch_logits.float()
+        ibot = sinkhorn_knopp(patch_logits.float(), teacher_temp)  # every rank joins SK's collectives, even with 0 rows
         return dict(dino=dino.view(2, global_crops.shape[0] // 2, -1), ibot=ibot)
 
 
@@ -135,12 +135,13 @@ class DistillArch(nn.Module):
     """The frozen teacher, the students (ModuleDict name -> backbone/dino_head/ibot_head) and their EMA copies.
 
     `arch.students["student"]` is the main student (cfg.model); `arch.emas[name]` is what gets exported.
+    A passed-in `teacher` is moved to `device` (in place, as nn.Module.to does): the batches go there.
     """
 
     def __init__(self, cfg: Config, device="cpu", teacher: FrozenTeacher | None = None):
         super().__init__()
         self.cfg = cfg
-        self.teacher = teacher if teacher is not None else load_frozen_teacher(cfg, device)
+        self.teacher = (teacher if teacher is not None else load_frozen_teacher(cfg, device)).to(device)
         self.student_cfgs = student_configs(cfg)
         self.students, self.emas = nn.ModuleDict(), nn.ModuleDict()
         for i, (name, student_cfg) in enumerate(self.student_cfgs.items()):

@@ -155,8 +155,8 @@ class DINOv2MetaArch(nn.Module):
                 cls_logits = self.teacher.dino_head(cls)
                 patch_logits = self.teacher.ibot_head(patches)
         dino_probs = self._teacher_probs(cls_logits, teacher_temp, "dino_center")
-        ibot_probs = (self._teacher_probs(patch_logits, teacher_temp, "ibot_center")
-                      if len(mask_indices) > 0 else patch_logits.float())
+        # Called with 0 masked patches too: SK and the centre's update are collectives every rank must join.
+        ibot_probs = self._teacher_probs(patch_logits, teacher_temp, "ibot_center")
         return dict(dino=dino_probs.view(2, n_images // 2, -1), ibot=ibot_probs)
 
     def forward_losses(self, batch: dict, teacher_temp: float, autocast=contextlib.nullcontext,

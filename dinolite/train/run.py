@@ -18,6 +18,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import time
 import warnings
 
@@ -44,10 +45,32 @@ class OutputDirError(ValueError):
 # devices, threads, precision
 
 
+class UnusableGPUError(RuntimeError):
+    """A GPU is present but torch cannot use it (driver older than torch's CUDA build, a broken install)."""
+
+
+def gpu_present() -> bool:
+    """An NVIDIA GPU is on this machine, whether or not torch can use it (the driver's device files)."""
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+
+
 def resolve_device(name: str) -> torch.device:
+    """train.device -> torch.device. "auto" is CUDA when torch can use a GPU and the CPU when there is none;
+    a GPU that is present but unusable (torch.cuda.is_available() False, e.g. a driver older than this torch's
+    CUDA build) is a loud one-line error rather than a silent CPU run."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if gpu_present():
+            raise UnusableGPUError(f"a GPU is present but torch {torch.__version__} (CUDA {torch.version.cuda}) cannot "
+                                   "use it (torch.cuda.is_available() is False: driver older than the CUDA build?); "
+                                   "update the NVIDIA driver or install a matching torch, or set train.device=cpu")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UnusableGPUError(f"train.device={name} but torch cannot use a GPU here (torch.cuda.is_available() is "
+                               "False); set train.device=cpu or auto, or fix the NVIDIA driver")
+    return device
 
 
 def available_cores() -> int:
@@ -98,8 +121,31 @@ def run_length(cfg: Config, dataset, world_size: int = 1) -> tuple[int, int]:
     return epoch_length, t.epochs * epoch_length
 
 
+def shared_memory_need(cfg: Config, num_workers: int, prefetch_factor: int = 2) -> int:
+    """Bytes of /dev/shm the data workers hold at once: prefetch_factor float32 batches per worker (2 global + n_local
+    local crops per image; ViT-S/16 at 224/96 px, batch 64: 134 MB a batch, 2.1 GB (2040 MiB) for 8 workers)."""
+    c, b = cfg.crops, cfg.train.batch_size
+    per_image = 3 * 4 * (2 * c.global_size ** 2 + c.n_local * c.local_size ** 2)
+    return num_workers * prefetch_factor * b * per_image
+
+
+def warn_if_shared_memory_short(cfg: Config, num_workers: int, path: str = "/dev/shm") -> None:
+    """Data workers hand batches over in shared memory; a container's default /dev/shm (64 MB) ends in a 'Bus
+    error'. Warn (once, before the first step) when /dev/shm is smaller than the workers need."""
+    if num_workers == 0 or not os.path.isdir(path):
+        return
+    need, have = shared_memory_need(cfg, num_workers), shutil.disk_usage(path).total
+    if have < need:
+        warnings.warn(f"{path} holds {have / 2**20:.0f} MB but {num_workers} data workers need about "
+                      f"{need / 2**20:.0f} MB: give the container more (docker --shm-size={-(-need // 2**30) + 1}g or "
+                      "--ipc=host) or lower train.num_workers / train.batch_size")
+
+
 def make_loader(batches, num_workers: int, device: torch.device) -> torch.utils.data.DataLoader:
-    """The DataLoader over StepBatches (one item = one collated step), with one compute thread per worker."""
+    """The DataLoader over StepBatches (one item = one collated step), with one compute thread per worker, pinned
+    memory on CUDA (asynchronous copies), and a warning when /dev/shm is too small for the workers."""
+    if hasattr(batches, "cfg"):
+        warn_if_shared_memory_short(batches.cfg, num_workers)
     return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=num_workers,
                                        pin_memory=device.type == "cuda", worker_init_fn=one_thread_worker)
 
