@@ -29,7 +29,6 @@ class DistConfig:
     # ("auto": bf16 when train.precision is bf16, else fp32)
     reduce_dtype: str = "fp32"  # gradients reduce-scattered in this dtype
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
-    max_nonfinite: int = 3  # stop after this many consecutive steps with a non-finite loss or gradient
     koleo_group_size: int = 1  # ranks that search KoLeo neighbours together: 1 (DINOv2), 0 (all ranks)
 
 
@@ -43,7 +42,7 @@ class _WithDist:
 _DTYPES = ("bf16", "fp32")
 # dist keys that may change when resuming: they change memory and speed, not what is computed.
 RESUMABLE_DIST_KEYS = {"dist.activation_checkpointing", "dist.compile", "dist.reshard_after_forward",
-                       "dist.keep_every", "dist.max_nonfinite"}
+                       "dist.keep_every"}
 
 
 def dist_keys() -> list[str]:
@@ -61,7 +60,6 @@ def validate_dist(d: DistConfig) -> None:
           f"must be 'auto', 'bf16' or 'fp32', got {d.param_dtype!r}")
     check(d.reduce_dtype in _DTYPES, "reduce_dtype", f"must be 'bf16' or 'fp32', got {d.reduce_dtype!r}")
     check(d.keep_every >= 0, "keep_every", "must be >= 0 (0: keep only the last train.keep_last)")
-    check(d.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")
     check(d.koleo_group_size >= 0, "koleo_group_size", "must be >= 0 (0: all ranks, 1: each rank alone)")
 
 

@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from dinolite import distributed
-from dinolite.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from dinolite.checkpoint import CheckpointError, atomic_save, load_checkpoint, resolve_checkpoint, save_checkpoint
 from dinolite.ema import ema_update_
 from dinolite.eval import knn_accuracy
 from dinolite.hub import export_official
@@ -31,10 +31,14 @@ from dinolite.train.run import (
     RESUMABLE_KEYS,
     Cadence,
     MetricsLog,
+    NonFiniteSteps,
     OutputDirError,
+    Preemption,
     RunDir,
     Steps,
     Throughput,
+    checkpoint_bytes,
+    finite,
     intra_op_threads,
     make_autocast,
     make_loader,
@@ -42,6 +46,7 @@ from dinolite.train.run import (
     run_length,
     save_config_to,
     training_data,
+    warn_low_disk,
 )
 
 # Below this many images per rank and step, batch statistics (Sinkhorn-Knopp columns, KoLeo
@@ -63,7 +68,8 @@ def train_step(arch: DINOv2MetaArch, optimizer: torch.optim.Optimizer, batch: di
         batch: collate_multicrop dict on the training device.
         step: the global step number (seeds drop path: torch RNG <- (seed, step, rank)).
         values: this step's lr / weight decay / teacher momentum / teacher temperature.
-    Returns the loss terms and monitor tensors of `arch.forward_losses`, plus grad_norm.
+    Returns the loss terms and monitor tensors of `arch.forward_losses`, plus grad_norm and `finite` (False:
+    the loss or the gradient norm is not finite, and the step was skipped: no AdamW or EMA update).
     """
     seed_step(seed, step, rank)
     arch.train()
@@ -76,8 +82,11 @@ def train_step(arch: DINOv2MetaArch, optimizer: torch.optim.Optimizer, batch: di
     params = [p for p in arch.student.parameters() if p.grad is not None]
     max_norm = clip_grad if clip_grad > 0 else math.inf
     out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
-    optimizer.step()
-    ema_update_(arch.teacher, arch.student, values.momentum)
+
+    out["finite"] = finite(out["loss"], out["grad_norm"])
+    if out["finite"]:
+        optimizer.step()
+        ema_update_(arch.teacher, arch.student, values.momentum)
     out["loss"] = out["loss"].detach()
     return out
 
@@ -239,7 +248,10 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
 
     log = MetricsLog(run_dir, t.tensorboard)
-    cadence = Cadence(t, end_step)
+    stop = Preemption(device)
+    cadence = Cadence(t, end_step, stop)
+    nonfinite = NonFiniteSteps(t.max_nonfinite, run_dir.path)
+    warn_low_disk(run_dir, checkpoint_bytes(arch.student, arch.teacher), t.keep_last)
     monitor = CollapseMonitor(num_prototypes=cfg.head.dino_out_dim, patience=3,
                               warmup_steps=int(cfg.loss.warmup_teacher_temp_epochs * epoch_length),
                               student_temp=cfg.loss.student_temp)
@@ -264,14 +276,14 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
     if start_step == 0 and t.knn_every and start_step < end_step:
         evaluate_knn(0)  # the network at initialisation, as a baseline
 
-    steps = Steps(make_loader(batches, t.num_workers, device), start_step, end_step, progress and is_main)
+    steps = Steps(make_loader(batches, t.num_workers, device), start_step, end_step, progress and is_main, stop=stop)
     throughput = Throughput(global_batch, start_step)
     for step, batch in steps:
         values = schedule_values(cfg, step, total_steps, epoch_length, global_batch)
         out = train_step(arch, optimizer, move_batch(batch, device), step, values, seed=t.seed,
                          clip_grad=cfg.optim.clip_grad, rank=rank, autocast=autocast)
         done = step + 1
-        if cadence.log(done):
+        if cadence.log(done) or not out["finite"]:
             record = {"step": done, **{k: out[k].item() for k in LOGGED if k in out},
                       "lr": values.lr, "weight_decay": values.weight_decay, "momentum": values.momentum,
                       "teacher_temp": values.teacher_temp}
@@ -279,11 +291,9 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
                 record.update(gram_weight=values.gram_weight, local_dino_weight=values.local_dino_weight)
             record["images_per_s"] = throughput(done)
             log.log(record)
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(f"loss is {record['loss']} at step {done}: lower optim.base_lr, "
-                                         "check the data, or use train.precision=fp32")
             steps.show(loss=record["loss"], dino=record["dino"], ibot=record["ibot"], koleo=record["koleo"],
                        img_s=record["images_per_s"])
+        nonfinite.update(out["finite"], done, out["loss"].item(), out["grad_norm"].item())
         if cadence.monitor(done):
             message = monitor.update(loss=out["dino"].item(), teacher_probs=out["teacher_probs"],
                                      student_logits=out["student_logits"], features=out["student_cls"], step=done)
@@ -301,8 +311,9 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
     if finished and start_step < total_steps:
         evaluate_knn(total_steps)
     if finished and run_dir.path and is_main:
-        torch.save(export_official(arch.teacher.backbone), run_dir.file("teacher_backbone_official.pth"))
+        atomic_save(export_official(arch.teacher.backbone), run_dir.file("teacher_backbone_official.pth"))
     log.close()
     arch.history = log.history
     arch.total_steps, arch.completed_steps = total_steps, steps.completed
+    arch.stopped_by = stop.message(output_dir, run_dir.latest_checkpoint()) if stop.stopped_at else None
     return arch
