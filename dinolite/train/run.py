@@ -344,9 +344,10 @@ class Steps:
     def __iter__(self):
         if self.stop is not None:
             self.stop.install()
+        batches = iter(self.loader) if self.start_step < self.end_step else None
         try:
-            if self.start_step < self.end_step:
-                for batch in self.loader:
+            if batches is not None:
+                for batch in batches:
                     step = batch["step"]
                     yield step, batch
                     if self.bar:
@@ -362,6 +363,11 @@ class Steps:
                 self.bar.close()
             if self.stop is not None:
                 self.stop.uninstall()
+            # Stop the workers now, also when an error leaves the loop: its traceback would keep the iterator alive
+            # until exit, where multiprocessing SIGTERMs the workers, which ignore it (one_thread_worker).
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def show(self, **values: float) -> None:
         if self.bar:
@@ -434,7 +440,8 @@ class NonFiniteSteps:
         raise NonFiniteLossError(
             f"loss or gradient not finite for {self.in_a_row} steps in a row (last: step {done}, loss {loss}, "
             f"grad norm {grad_norm}; those steps were skipped, train.max_nonfinite={self.max_in_a_row}); {resume}. "
-            "Lower optim.base_lr, check the data, or use train.precision=fp32, then resume")
+            "Lower optim.base_lr, check the data, or use train.precision=fp32 (a changed config needs a new "
+            "--output-dir)")
 
 
 def finite(*values: torch.Tensor) -> bool:
