@@ -420,12 +420,12 @@ def test_scale_faults_nan_sigterm_and_full_disk():
     ranks = run_distributed(_scale_faults, world_size=2)
     for r in ranks:
         assert "not finite for 2 steps in a row (last: step 3" in r["nan"]
-        assert "the last good checkpoint is" in r["nan"] and "dcp_00000001" in r["nan"]
+        assert "the last good checkpoint is" in r["nan"] and "dcp_00000002" in r["nan"]  # step 2 skipped, checkpointed
         completed, message = r["stopped"]
         assert completed == 2 and message.startswith("stopped by SIGTERM after step 2")  # both ranks, same step
         assert "the last intact checkpoint is" not in r["disk"] and "no checkpoint was written yet" in r["disk"]
         assert r["disk"].startswith("disk full while writing ") and "dcp_00000001" in r["disk"]
-        assert r["disk_files"] == ["config.yaml"]  # the temporary directory removed, nothing else touched
+        assert r["disk_files"] == ["config.yaml", "metrics.jsonl"]  # the temporary directory removed, nothing else
     assert [rec["loss"] is None for rec in ranks[0]["nan_records"]] == [False, True, True]
     whole, resumed = ranks[0]["whole"], ranks[0]["resumed"]
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
