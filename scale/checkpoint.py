@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from dinolite.checkpoint import CheckpointError, parse_run_at_step
+from dinolite.checkpoint import CheckpointError, DiskFullError, disk_full_message, is_disk_full, parse_run_at_step, path_bytes
 
 # Plain numbers saved with the weights (the data position is the step; see the module docstring).
 PROGRESS_KEYS = ("step", "global_batch", "world_size")
@@ -93,7 +93,18 @@ def save_checkpoint(arch, optimizer, step: int, output_dir: str, progress: dict,
         shutil.rmtree(temp)
     dist.barrier()
     progress = {key: int(dict(progress, step=step)[key]) for key in PROGRESS_KEYS}
-    dcp.save({**_state(arch, optimizer), "progress": progress}, checkpoint_id=temp)
+    try:
+        dcp.save({**_state(arch, optimizer), "progress": progress}, checkpoint_id=temp)
+    except Exception as error:  # DCP gathers every rank's failure: all ranks raise
+        if not is_disk_full(error):
+            raise
+        last = latest_checkpoint(output_dir)
+        written = path_bytes(temp) if os.path.exists(temp) else 0
+        needed = path_bytes(last) if last else written
+        dist.barrier()
+        if rank == 0 and os.path.exists(temp):
+            shutil.rmtree(temp)
+        raise DiskFullError(disk_full_message(final, needed or None, last)) from None
     dist.barrier()  # every rank has written its shards (and rank 0 the metadata)
     if rank == 0:
         if os.path.exists(final):

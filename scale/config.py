@@ -29,7 +29,6 @@ class DistConfig:
     # ("auto": bf16 when train.precision is bf16, else fp32)
     reduce_dtype: str = "fp32"  # gradients reduce-scattered in this dtype
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
-    max_nonfinite: int = 3  # stop after this many consecutive steps with a non-finite loss or gradient
     koleo_group_size: int = 1  # ranks that search KoLeo neighbours together: 1 (DINOv2), 0 (all ranks)
     # KoLeo neighbours within groups of this many samples of the global batch, a multiple of train.batch_size
     # (DINOv3's koleo_distributed_loss_group_size, dinov3/loss/koleo_loss.py:84-100); 0: koleo_group_size decides
@@ -56,7 +55,7 @@ RECIPE_DIST = {
 _DTYPES = ("bf16", "fp32")
 # dist keys that may change when resuming: they change memory and speed, not what is computed.
 RESUMABLE_DIST_KEYS = {"dist.activation_checkpointing", "dist.compile", "dist.reshard_after_forward",
-                       "dist.keep_every", "dist.max_nonfinite"}
+                       "dist.keep_every"}
 
 
 def dist_keys() -> list[str]:
@@ -74,7 +73,6 @@ def validate_dist(d: DistConfig) -> None:
           f"must be 'auto', 'bf16' or 'fp32', got {d.param_dtype!r}")
     check(d.reduce_dtype in _DTYPES, "reduce_dtype", f"must be 'bf16' or 'fp32', got {d.reduce_dtype!r}")
     check(d.keep_every >= 0, "keep_every", "must be >= 0 (0: keep only the last train.keep_last)")
-    check(d.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")
     check(d.koleo_group_size >= 0, "koleo_group_size", "must be >= 0 (0: all ranks, 1: each rank alone)")
     check(d.koleo_group_samples >= 0, "koleo_group_samples", "must be >= 0 (0: use dist.koleo_group_size)")
 

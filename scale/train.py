@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from dinolite import distributed
-from dinolite.checkpoint import CheckpointError
+from dinolite.checkpoint import CheckpointError, DiskFullError
 from dinolite.data import DATA_SPEC_FORMS, DataError
 from dinolite.ema import ema_update_
 from dinolite.train.config import Config
@@ -43,15 +43,21 @@ from dinolite.train.run import (
     RESUMABLE_KEYS,
     Cadence,
     MetricsLog,
+    NonFiniteLossError,
+    PREEMPTED_EXIT_CODE,
+    NonFiniteSteps,
     OutputDirError,
+    Preemption,
     RunDir,
     Steps,
     Throughput,
     UnusableGPUError,
+    checkpoint_bytes,
     make_autocast,
     make_loader,
     run_length,
     training_data,
+    warn_low_disk,
 )
 from scale import checkpoint as ckpt
 from scale.config import RESUMABLE_DIST_KEYS, DistConfig, dist_keys, load_scale_config, save_scale_config
@@ -61,10 +67,6 @@ from scale.parallelize import build_sharded_arch, init_distributed, local_shard,
 # The backbone returns views (the CLS row of the tokens); the meta-architecture only reads them out of place
 # (indexing, cat, float()), so FSDP2's pre-backward hook is kept: tests/test_scale_train.py checks the gradients.
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPVisionTransformer\) returned a view tensor")
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss or the gradient norm was not finite for dist.max_nonfinite steps in a row."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,26 +233,24 @@ def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, st
     if t.precision == "auto" and is_main:
         log(describe_precision(t.precision, device, cfg))
     autocast = make_autocast(device, precision)
-    metrics, cadence, nonfinite = MetricsLog(run_dir, t.tensorboard), Cadence(t, end_step), 0
-    steps = Steps(make_loader(batches, t.num_workers, device), start_step, end_step, progress and is_main)
+    stop = Preemption(device)  # SIGTERM: the ranks agree on the step (a flag all-reduced on `device`)
+    metrics, cadence = MetricsLog(run_dir, t.tensorboard), Cadence(t, end_step, stop)
+    nonfinite = NonFiniteSteps(t.max_nonfinite, output_dir, ckpt.latest_checkpoint)
+    warn_low_disk(run_dir, checkpoint_bytes(arch.student, arch.teacher), t.keep_last)
+    steps = Steps(make_loader(batches, t.num_workers, device), start_step, end_step, progress and is_main, stop=stop)
     throughput = Throughput(global_batch, start_step)
     for step, batch in steps:
         values = schedule_values(cfg, step, total_steps, epoch_length, global_batch)
         record = train_step(arch, optimizer, move_batch(batch, device), step, values, t.seed, cfg.optim.clip_grad,
                             autocast)
         done = step + 1
-        nonfinite = 0 if record.pop("finite") else nonfinite + 1
+        finite = record.pop("finite")
         record = {"step": done, **record, "lr": values.lr, "momentum": values.momentum}
-        if cadence.log(done) or nonfinite:
+        if cadence.log(done) or not finite:
             record["images_per_s"] = throughput(done)
             metrics.log(record)
             steps.show(loss=record["loss"], img_s=record["images_per_s"])
-        if nonfinite >= dcfg.max_nonfinite:
-            raise NonFiniteLossError(
-                f"loss or gradient not finite for {nonfinite} steps in a row (last: step {done}, loss "
-                f"{record['loss']}, grad norm {record['grad_norm']}); those steps were skipped. Lower "
-                "optim.base_lr, check the data, or use train.precision=fp32 dist.param_dtype=fp32; resume "
-                "from the last checkpoint")
+        nonfinite.update(finite, done, record["loss"], record["grad_norm"])
         if run_dir.path and cadence.checkpoint(done):
             ckpt.save_checkpoint(arch, optimizer, done, output_dir,
                                  {"global_batch": global_batch, "world_size": world_size},
@@ -259,6 +259,7 @@ def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, st
         export_teacher(arch, run_dir.file("teacher_backbone_official.pth"))
     metrics.close()
     arch.history, arch.total_steps, arch.completed_steps = metrics.history, total_steps, steps.completed
+    arch.stopped_by = stop.message(output_dir, run_dir.latest_checkpoint()) if stop.stopped_at else None
     arch._optimizer = optimizer  # for tests and callers that inspect the AdamW state
     return arch
 
@@ -313,11 +314,16 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
         dist.destroy_process_group()
         return 2
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, DiskFullError) as e:
         if is_main:
             print(f"error: {e}", file=sys.stderr)
         dist.destroy_process_group()
         return 1
+    if arch.stopped_by:
+        if is_main:
+            print(arch.stopped_by, file=sys.stderr)
+        dist.destroy_process_group()
+        return PREEMPTED_EXIT_CODE
     if is_main:
         world = dist.get_world_size()
         print(f"done: {arch.completed_steps}/{arch.total_steps} steps on {world} process{'es' * (world > 1)} ({device}), "

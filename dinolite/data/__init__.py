@@ -14,6 +14,7 @@ from dinolite.data.augment import (
 )
 from dinolite.data.datasets import (
     IMAGE_EXTENSIONS,
+    BadImagesError,
     DataError,
     DataNotFoundError,
     ImageFolderDataset,

@@ -27,6 +27,10 @@ class DataNotFoundError(DataError, FileNotFoundError):
     """A DataError for data that is not on disk (also a FileNotFoundError)."""
 
 
+class BadImagesError(DataError):
+    """More image files went bad after the dataset was indexed (deleted, truncated) than the run may skip."""
+
+
 def _describe_paths(paths, limit=10) -> str:
     shown = ", ".join(str(p) for p in paths[:limit])
     return shown + (f", ... ({len(paths) - limit} more)" if len(paths) > limit else "")
@@ -46,7 +50,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     ``.skipped``); a file that still fails when decoded (e.g. truncated) is warned about
     once and replaced by the next readable image, so training never crashes on it.
     verify=True also runs PIL's cheap ``verify()`` on every file while indexing.
+    Files that go bad after indexing (deleted, truncated mid-run) are skipped the same way, each with a
+    counted warning, up to ``max_bad_images`` (None: no limit; training sets it from
+    train.max_bad_images_fraction), then BadImagesError names them. The replacement is always the next
+    readable index, so a run stays reproducible. The count is per process (each DataLoader worker counts
+    the files it met).
     """
+
+    max_bad_images: int | None = None
 
     def __init__(self, root, transform=None, verify: bool = True):
         self.root = Path(root).expanduser()
@@ -103,11 +114,23 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             try:
                 image = self._load(path)
             except Exception as error:
-                self._failed.add(path)
-                warnings.warn(f"ImageFolderDataset: cannot decode {path} ({error}); using the next image instead")
+                self._bad_image(path, error)
                 continue
             return (self.transform(image) if self.transform is not None else image), label
-        raise RuntimeError(f"no image under {self.root} could be decoded")
+        raise BadImagesError(f"no image under {self.root} could be read any more; check the files")
+
+    def _bad_image(self, path, error) -> None:
+        self._failed.add(path)
+        limit = self.max_bad_images
+        if limit is not None and len(self._failed) > limit:
+            raise BadImagesError(
+                f"{len(self._failed)} image files of {self.root} could not be read during the run, more than the "
+                f"{limit} allowed (train.max_bad_images_fraction): {_describe_paths(sorted(map(str, self._failed)))}. "
+                "Restore or remove them (and re-index), or raise train.max_bad_images_fraction; then run the same "
+                "command again to resume")
+        of = f" of at most {limit}" if limit is not None else ""
+        warnings.warn(f"ImageFolderDataset: cannot read {path} ({type(error).__name__}: {error}); using the next "
+                      f"image instead (bad image {len(self._failed)}{of})")
 
 
 class ImageListDataset(ImageFolderDataset):

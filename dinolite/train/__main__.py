@@ -12,7 +12,9 @@ Continue a finished run with Gram anchoring (DINOv3's refinement stage), anchore
 Distil a trained teacher (with its heads) into a student and a smaller second student (chapter 10):
     python -m dinolite.train --config tiny-cpu-distill --data textures:n=10000,size=32 --output-dir runs/distill \
         teacher.checkpoint=book/weights/textures_p8_teacher.pth teacher.students="small:embed_dim=32,num_heads=1"
-A config, data or output-directory problem prints one line `error: ...` and exits with code 2.
+A config, data or output-directory problem prints one line `error: ...` and exits with code 2; a fault during the
+run (a full disk, a loss that stays non-finite, too many images gone bad) one line `error: ...` and code 1; SIGTERM
+(e.g. SLURM before a time limit) finishes the step, writes a checkpoint, says so and exits with code 143.
 """
 import argparse
 import sys
@@ -57,16 +59,23 @@ def main(argv=None) -> int:
         from dinolite.train.config import config_to_dict
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0
-    from dinolite.checkpoint import CheckpointError
+    from dinolite.checkpoint import CheckpointError, DiskFullError
+    from dinolite.data import BadImagesError
     from dinolite.train.loop import train
-    from dinolite.train.run import OutputDirError, UnusableGPUError
+    from dinolite.train.run import PREEMPTED_EXIT_CODE, NonFiniteLossError, OutputDirError, UnusableGPUError, one_line
 
     try:
         arch = train(cfg, args.data, output_dir=args.output_dir, continue_from=args.continue_from,
                      init_from=args.init_from)
+    except (NonFiniteLossError, DiskFullError, BadImagesError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
     except (DataError, OutputDirError, CheckpointError, UnusableGPUError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    if arch.stopped_by:
+        print(arch.stopped_by, file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     last = next((r for r in reversed(arch.history) if "knn_top1" in r), None)
     summary = f"done: {arch.completed_steps}/{arch.total_steps} steps, outputs in {args.output_dir}"
     if last:

@@ -140,6 +140,8 @@ class TrainConfig:
     knn_test_size: int = 0  # held-out images for kNN (built-in dataset: a different seed)
     progress: bool = True  # tqdm progress bar
     tensorboard: bool = False
+    max_nonfinite: int = 3  # skip a step whose loss or gradient is not finite; stop after this many in a row
+    max_bad_images_fraction: float = 0.001  # images unreadable mid-run are skipped up to this fraction (>= 1 image)
 
 
 @dataclass
@@ -456,6 +458,8 @@ def validate(cfg: Config) -> None:
     check(t.keep_last >= 1, "train.keep_last", "must be >= 1")
     check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     check(t.log_every >= 1, "train.log_every", "must be >= 1")
+    check(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
+    check(0.0 <= t.max_bad_images_fraction < 1.0, "train.max_bad_images_fraction", "must be in [0, 1)")
     check(0.0 < o.layerwise_decay <= 1.0, "optim.layerwise_decay", "must be in (0, 1]")
     check(0.0 <= o.momentum_teacher <= 1.0, "optim.momentum_teacher", "must be in [0, 1]")
     check(o.base_lr > 0, "optim.base_lr", "must be > 0")

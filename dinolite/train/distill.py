@@ -27,7 +27,7 @@ from torch import nn
 
 from dinolite import distributed, hub
 from dinolite.centering import sinkhorn_knopp
-from dinolite.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from dinolite.checkpoint import CheckpointError, atomic_save, load_checkpoint, resolve_checkpoint, save_checkpoint
 from dinolite.data import EvalTransform, SyntheticTextures, TextureMosaics
 from dinolite.ema import ema_update_, make_teacher
 from dinolite.eval import dense_probe, extract_features, knn_accuracy, knn_classify, linear_probe
@@ -41,15 +41,20 @@ from dinolite.train.recipes import get_config
 from dinolite.train.run import (
     Cadence,
     MetricsLog,
+    NonFiniteSteps,
+    Preemption,
     RunDir,
     Steps,
     Throughput,
+    checkpoint_bytes,
+    finite,
     make_autocast,
     make_loader,
     resolve_device,
     run_length,
     save_config_to,
     training_data,
+    warn_low_disk,
 )
 
 
@@ -203,7 +208,8 @@ LOGGED = ("loss", "dino", "ibot", "koleo", "grad_norm", "backbone_grad_norm", "d
 def distill_step(arch: DistillArch, optimizers: dict, batch: dict, step: int, values: StepValues, seed: int = 0,
                  clip_grad: float = 3.0, rank: int = 0, autocast=contextlib.nullcontext) -> dict[str, dict]:
     """One step for every student: one teacher pass, backward, clip (per student and module, as officially), AdamW,
-    EMA update. Each student's dict gets `<module>_grad_norm` (before clipping) and their total `grad_norm`."""
+    EMA update. Each student's dict gets `<module>_grad_norm` (before clipping) and their total `grad_norm`.
+    A student whose loss or gradient norm is not finite is not updated (its out["finite"] is False)."""
     seed_step(seed, step, rank)
     arch.train()
     for optimizer in optimizers.values():
@@ -214,8 +220,10 @@ def distill_step(arch: DistillArch, optimizers: dict, batch: dict, step: int, va
     for name, out in outs.items():
         norms = clip_grad_norm_per_module_(student_modules(arch.students[name]), clip_grad)
         out.update({f"{module}_grad_norm": norm for module, norm in norms.items()}, grad_norm=total_grad_norm(norms))
-        optimizers[name].step()
-        ema_update_(arch.emas[name], arch.students[name], values.momentum)
+        out["finite"] = finite(out["loss"], out["grad_norm"])
+        if out["finite"]:
+            optimizers[name].step()
+            ema_update_(arch.emas[name], arch.students[name], values.momentum)
         out["loss"] = out["loss"].detach()
     return outs
 
@@ -270,7 +278,10 @@ def train_distill(cfg: Config, data, output_dir=None, stop_at_step=None, knn_dat
     run_dir.start(start_step, save_config_to(cfg))
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
     log = MetricsLog(run_dir, t.tensorboard)
-    cadence = Cadence(t, end_step)
+    stop = Preemption(device)
+    cadence = Cadence(t, end_step, stop)
+    nonfinite = NonFiniteSteps(t.max_nonfinite, run_dir.path)
+    warn_low_disk(run_dir, sum(checkpoint_bytes(arch.students[n], arch.emas[n]) for n in arch.students), t.keep_last)
     autocast = make_autocast(device, t.precision)
 
     def evaluate_knn(step):
@@ -281,23 +292,24 @@ def train_distill(cfg: Config, data, output_dir=None, stop_at_step=None, knn_dat
 
     if start_step == 0 and t.knn_every and start_step < end_step:
         evaluate_knn(0)
-    steps = Steps(make_loader(batches, t.num_workers, device), start_step, end_step, progress, "distilling")
+    steps = Steps(make_loader(batches, t.num_workers, device), start_step, end_step, progress, "distilling", stop)
     throughput = Throughput(t.batch_size, start_step)
     for step, batch in steps:
         values = schedule_values(cfg, step, total_steps, epoch_length, t.batch_size)
         outs = distill_step(arch, optimizers, move_batch(batch, device), step, values, seed=t.seed,
                             clip_grad=cfg.optim.clip_grad, autocast=autocast)
         done = step + 1
-        if cadence.log(done):
+        all_finite = all(out["finite"] for out in outs.values())
+        if cadence.log(done) or not all_finite:
             record = {"step": done, "lr": values.lr, "momentum": values.momentum, "teacher_temp": values.teacher_temp,
                       "images_per_s": throughput(done)}
             for name, out in outs.items():
                 suffix = "" if name == "student" else f"/{name}"
                 record.update({f"{k}{suffix}": out[k].item() for k in LOGGED if k in out})
             log.log(record)
-            if not all(math.isfinite(out["loss"].item()) for out in outs.values()):
-                raise FloatingPointError(f"a student's loss is not finite at step {done}: lower optim.base_lr")
             steps.show(loss=record["loss"])
+        worst = next((out for out in outs.values() if not out["finite"]), outs["student"])
+        nonfinite.update(all_finite, done, worst["loss"].item(), worst["grad_norm"].item())
         if cadence.knn(done):
             evaluate_knn(done)
         if run_dir.path and cadence.checkpoint(done):
@@ -309,9 +321,10 @@ def train_distill(cfg: Config, data, output_dir=None, stop_at_step=None, knn_dat
     if finished and run_dir.path:
         for name, ema in arch.emas.items():
             os.makedirs(run_dir.file(name), exist_ok=True)
-            torch.save(hub.export_official(ema.backbone), os.path.join(run_dir.file(name), "backbone_official.pth"))
+            atomic_save(hub.export_official(ema.backbone), os.path.join(run_dir.file(name), "backbone_official.pth"))
     log.close()
     arch.history, arch.total_steps, arch.completed_steps = log.history, total_steps, steps.completed
+    arch.stopped_by = stop.message(output_dir, run_dir.latest_checkpoint()) if stop.stopped_at else None
     return arch
 
 

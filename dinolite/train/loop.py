@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from dinolite import distributed
-from dinolite.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from dinolite.checkpoint import CheckpointError, atomic_save, load_checkpoint, resolve_checkpoint, save_checkpoint
 from dinolite.ema import ema_update_
 from dinolite.eval import knn_accuracy
 from dinolite.hub import export_official
@@ -32,10 +32,14 @@ from dinolite.train.run import (
     RESUMABLE_KEYS,
     Cadence,
     MetricsLog,
+    NonFiniteSteps,
     OutputDirError,
+    Preemption,
     RunDir,
     Steps,
     Throughput,
+    checkpoint_bytes,
+    finite,
     intra_op_threads,
     make_autocast,
     make_loader,
@@ -43,6 +47,7 @@ from dinolite.train.run import (
     run_length,
     save_config_to,
     training_data,
+    warn_low_disk,
 )
 
 # Below this many images per rank and step, batch statistics (Sinkhorn-Knopp columns, KoLeo
@@ -66,7 +71,9 @@ def train_step(arch: DINOv2MetaArch, optimizer: torch.optim.Optimizer, batch: di
         step: the global step number (seeds drop path: torch RNG <- (seed, step, rank)).
         values: this step's lr / weight decay / teacher momentum / teacher temperature.
     Returns the loss terms and monitor tensors of `arch.forward_losses`, plus each module's gradient norm before
-    clipping (`<module>_grad_norm`, official names; each module is clipped on its own) and their total `grad_norm`.
+    clipping (`<module>_grad_norm`, official names; each module is clipped on its own), their total `grad_norm`,
+    and `finite` (False: the loss or the gradient norm is not finite, and the step was skipped: no AdamW or EMA
+    update).
     """
     seed_step(seed, step, rank)
     arch.train()
@@ -78,8 +85,10 @@ def train_step(arch: DINOv2MetaArch, optimizer: torch.optim.Optimizer, batch: di
     out["loss"].backward()
     norms = clip_grad_norm_per_module_(student_modules(arch.student), clip_grad)
     out.update({f"{name}_grad_norm": norm for name, norm in norms.items()}, grad_norm=total_grad_norm(norms))
-    optimizer.step()
-    ema_update_(arch.teacher, arch.student, values.momentum)
+    out["finite"] = finite(out["loss"], out["grad_norm"])
+    if out["finite"]:
+        optimizer.step()
+        ema_update_(arch.teacher, arch.student, values.momentum)
     out["loss"] = out["loss"].detach()
     return out
 
@@ -265,7 +274,10 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
 
     log = MetricsLog(run_dir, t.tensorboard)
-    cadence = Cadence(t, end_step)
+    stop = Preemption(device)
+    cadence = Cadence(t, end_step, stop)
+    nonfinite = NonFiniteSteps(t.max_nonfinite, run_dir.path)
+    warn_low_disk(run_dir, checkpoint_bytes(arch.student, arch.teacher), t.keep_last)
     monitor = CollapseMonitor(num_prototypes=cfg.head.dino_out_dim, patience=3,
                               warmup_steps=int(cfg.loss.warmup_teacher_temp_epochs * epoch_length),
                               student_temp=cfg.loss.student_temp)
@@ -290,14 +302,14 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
     if start_step == 0 and t.knn_every and start_step < end_step:
         evaluate_knn(0)  # the network at initialisation, as a baseline
 
-    steps = Steps(make_loader(batches, t.num_workers, device), start_step, end_step, progress and is_main)
+    steps = Steps(make_loader(batches, t.num_workers, device), start_step, end_step, progress and is_main, stop=stop)
     throughput = Throughput(global_batch, start_step)
     for step, batch in steps:
         values = schedule_values(cfg, step, total_steps, epoch_length, global_batch)
         out = train_step(arch, optimizer, move_batch(batch, device), step, values, seed=t.seed,
                          clip_grad=cfg.optim.clip_grad, rank=rank, autocast=autocast)
         done = step + 1
-        if cadence.log(done):
+        if cadence.log(done) or not out["finite"]:
             record = {"step": done, **{k: out[k].item() for k in LOGGED if k in out},
                       "lr": values.lr, "weight_decay": values.weight_decay, "momentum": values.momentum,
                       "teacher_temp": values.teacher_temp}
@@ -305,11 +317,9 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
                 record.update(gram_weight=values.gram_weight, local_dino_weight=values.local_dino_weight)
             record["images_per_s"] = throughput(done)
             log.log(record)
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(f"loss is {record['loss']} at step {done}: lower optim.base_lr, "
-                                         "check the data, or use train.precision=fp32")
             steps.show(loss=record["loss"], dino=record["dino"], ibot=record["ibot"], koleo=record["koleo"],
                        img_s=record["images_per_s"])
+        nonfinite.update(out["finite"], done, out["loss"].item(), out["grad_norm"].item())
         if cadence.monitor(done):
             message = monitor.update(loss=out["dino"].item(), teacher_probs=out["teacher_probs"],
                                      student_logits=out["student_logits"], features=out["student_cls"], step=done)
@@ -327,8 +337,9 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
     if finished and start_step < total_steps:
         evaluate_knn(total_steps)
     if finished and run_dir.path and is_main:
-        torch.save(export_official(arch.teacher.backbone), run_dir.file("teacher_backbone_official.pth"))
+        atomic_save(export_official(arch.teacher.backbone), run_dir.file("teacher_backbone_official.pth"))
     log.close()
     arch.history = log.history
     arch.total_steps, arch.completed_steps = total_steps, steps.completed
+    arch.stopped_by = stop.message(output_dir, run_dir.latest_checkpoint()) if stop.stopped_at else None
     return arch
