@@ -188,7 +188,7 @@ def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, st
         start_step = saved["step"]
         if is_main:
             log(f"resuming from step {start_step} (checkpoint {path}, saved by {saved['world_size']} processes)")
-    run_dir.start(start_step, lambda config_path: save_scale_config(cfg, dcfg, config_path))
+    run_dir.start(start_step, lambda config_path: save_scale_config(cfg, dcfg, config_path), data=data)
     dist.barrier()
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
 

@@ -123,27 +123,32 @@ class ImageListDataset(ImageFolderDataset):
     def __init__(self, list_file, transform=None):
         self.root = Path(list_file).expanduser()
         if not self.root.is_file():
-            raise FileNotFoundError(f"image list {self.root} does not exist; expected a text file with one image "
+            raise DataNotFoundError(f"image list {self.root} does not exist; expected a text file with one image "
                                     "path per line, optionally followed by a tab and an integer label")
         self.transform = transform
         self.samples, self.skipped, self._failed = [], [], set()
-        for number, line in enumerate(self.root.read_text().splitlines(), start=1):
+        try:
+            lines = self.root.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read image list {self.root} ({str(e).splitlines()[0]}); give a text file "
+                            "with one image path per line") from None
+        for number, line in enumerate(lines, start=1):
             if not line.strip() or line.startswith("#"):
                 continue
             path, _, label = line.rstrip("\r\n").partition("\t")
             path = Path(path).expanduser()
             path = path if path.is_absolute() else self.root.parent / path
             if not path.is_file():
-                raise FileNotFoundError(f"{self.root} line {number}: image {path} does not exist "
+                raise DataNotFoundError(f"{self.root} line {number}: image {path} does not exist "
                                         "(relative paths are relative to the list file's folder)")
             try:
                 label = int(label) if label.strip() else -1
             except ValueError:
-                raise ValueError(f"{self.root} line {number}: label {label!r} is not an integer; write "
+                raise DataError(f"{self.root} line {number}: label {label!r} is not an integer; write "
                                  "PATH<TAB>LABEL with an integer class id, or PATH alone") from None
             self.samples.append((path, label))
         if not self.samples:
-            raise ValueError(f"image list {self.root} names no images (blank lines and # comments are skipped)")
+            raise DataError(f"image list {self.root} names no images (blank lines and # comments are skipped)")
         self.classes = [str(c) for c in range(max(label for _, label in self.samples) + 1)]
 
 

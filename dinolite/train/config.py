@@ -324,6 +324,7 @@ def save_config(cfg: Config, path: str) -> None:
 
 
 def load_config(path: str) -> Config:
+    """A YAML config file; the `dist:` section of a scale/ run's config.yaml is ignored (single process)."""
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
@@ -332,6 +333,8 @@ def load_config(path: str) -> Config:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ValueError(f"{path} is not valid YAML{where} ({getattr(e, 'problem', None) or e}); fix it "
                          "(--print-config shows the expected layout)") from None
+    if isinstance(data, dict):
+        data.pop("dist", None)  # a scale/ run's config.yaml: how it was sharded, not what it computes
     try:
         return config_from_dict(data)
     except ValueError as e:

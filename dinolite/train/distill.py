@@ -260,7 +260,7 @@ def train_distill(cfg: Config, data, output_dir=None, stop_at_step=None, knn_dat
             raise CheckpointError(f"{source} does not hold student {name!r} of this config ({type(e).__name__}): "
                                   "continue a distillation run with the same students") from None
     batches = StepBatches(dataset, cfg, total_steps, start_step)
-    run_dir.start(start_step, save_config_to(cfg))
+    run_dir.start(start_step, save_config_to(cfg), data=data)
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
     log = MetricsLog(run_dir, t.tensorboard)
     cadence = Cadence(t, end_step)

@@ -235,7 +235,7 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
         if is_main:
             print(f"continuing from step {start_step} of {source} with the new config")
     batches = StepBatches(dataset, cfg, total_steps, start_step, rank, world_size)  # checks the data size
-    run_dir.start(resumed_step, save_config_to(cfg))
+    run_dir.start(resumed_step, save_config_to(cfg), data=data)
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
 
     log = MetricsLog(run_dir, t.tensorboard)

@@ -25,6 +25,7 @@ import torch
 
 from dinolite.checkpoint import latest_checkpoint, remove_stale_temp_files
 from dinolite.data import EvalTransform, SyntheticShapes, SyntheticTextures, build_dataset
+from dinolite.data.spec import write_data_spec
 from dinolite.train.config import Config, TrainConfig, config_diff, load_config, save_config
 from dinolite.train.precision import resolve_precision
 
@@ -193,13 +194,15 @@ class RunDir:
                                  f"same config, or use a new --output-dir. Only these keys may change on resume: "
                                  f"{', '.join(sorted(RESUMABLE_KEYS))}")
 
-    def start(self, resumed_step: int, save=None) -> None:
-        """Main process: write config.yaml (save(path)) and cut metrics.jsonl back to the step resumed from, so
-        steps a killed run logged after its last checkpoint are not logged twice (resumed_step 0: removed)."""
+    def start(self, resumed_step: int, save=None, data=None) -> None:
+        """Main process: write config.yaml (save(path)) and data.txt (the --data spec, when data is one), and cut
+        metrics.jsonl back to the step resumed from, so steps a killed run logged after its last checkpoint are
+        not logged twice (resumed_step 0: removed)."""
         if not (self.path and self.is_main):
             return
         if save is not None:
             save(self.file("config.yaml"))
+        write_data_spec(self.path, data)
         metrics = self.file("metrics.jsonl")
         if not os.path.exists(metrics):
             return
