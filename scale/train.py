@@ -197,7 +197,7 @@ def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, st
     if t.precision == "auto" and is_main:
         log(describe_precision(t.precision, device, cfg))
     autocast = make_autocast(device, precision)
-    metrics, cadence, nonfinite = MetricsLog(run_dir, t.tensorboard), Cadence(t, end_step), 0
+    metrics, cadence, nonfinite = MetricsLog(run_dir, t.tensorboard, t.wandb), Cadence(t, end_step), 0
     steps = Steps(make_loader(batches, t.num_workers, device), start_step, end_step, progress and is_main)
     throughput = Throughput(global_batch, start_step)
     for step, batch in steps:

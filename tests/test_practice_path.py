@@ -101,3 +101,63 @@ def test_report_finds_the_runs_images_without_data(tiny_run):
     page, problems = build_report(str(tiny_run[0]), images=2, pool=12)
     assert "the first images of textures:n=64,size=32" in page and not problems
     assert "pass --data" not in page
+
+
+def test_tensorboard_is_used_when_importable_and_quietly_skipped_when_not(tmp_path, monkeypatch, recwarn):
+    import types
+
+    from dinolite.train.config import TrainConfig
+    from dinolite.train.run import MetricsLog, RunDir
+
+    calls = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            calls.append(("dir", log_dir))
+
+        def add_scalar(self, key, value, step):
+            calls.append((key, value, step))
+
+        def close(self):
+            calls.append("closed")
+
+    assert TrainConfig().tensorboard  # on by default: used whenever it is installed
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    log = MetricsLog(RunDir(str(tmp_path / "a")), tensorboard=True)
+    log.log({"step": 3, "loss": 2.5, "note": "text"})
+    log.close()
+    assert calls == [("dir", str(tmp_path / "a" / "tensorboard")), ("loss", 2.5, 3), "closed"]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    log = MetricsLog(RunDir(str(tmp_path / "b")), tensorboard=True)
+    log.log({"step": 1, "loss": 1.0})
+    assert log.writer is None and len(recwarn) == 0
+    assert (tmp_path / "b" / "metrics.jsonl").read_text().strip() == '{"step": 1, "loss": 1.0}'
+
+
+def test_wandb_logs_every_record_when_a_project_is_named(tmp_path, monkeypatch):
+    import types
+
+    from dinolite.train.run import MetricsLog, RunDir
+
+    logged, inits = [], []
+
+    class Run:
+        def log(self, values, step):
+            logged.append((values, step))
+
+        def finish(self):
+            logged.append("finished")
+
+    def init(**kwargs):
+        inits.append(kwargs)
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    log = MetricsLog(RunDir(str(tmp_path / "run")), wandb="photos")
+    log.log({"step": 2, "knn_top1": 40.0})
+    log.close()
+    assert inits[0]["project"] == "photos" and inits[0]["name"] == "run"
+    assert logged == [({"knn_top1": 40.0}, 2), "finished"]
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.warns(UserWarning, match="wandb is not installed"):
+        assert MetricsLog(RunDir(str(tmp_path / "run2")), wandb="photos").wandb is None

@@ -79,12 +79,13 @@ def main(argv=None) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0
     from dinolite.checkpoint import CheckpointError
+    from dinolite.train.budget import BudgetError
     from dinolite.train.loop import train
     from dinolite.train.run import OutputDirError
 
     try:
         arch = train(cfg, args.data, output_dir=args.output_dir, continue_from=args.continue_from)
-    except (DataError, OutputDirError, CheckpointError) as e:
+    except (DataError, OutputDirError, CheckpointError, BudgetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     last = next((r for r in reversed(arch.history) if "knn_top1" in r), None)

@@ -134,7 +134,11 @@ class TrainConfig:
     knn_train_size: int = 0  # 0: the whole dataset; else the first n images
     knn_test_size: int = 0  # held-out images for kNN (built-in dataset: a different seed)
     progress: bool = True  # tqdm progress bar
-    tensorboard: bool = False
+    tensorboard: bool = True  # also write TensorBoard event files to RUN/tensorboard when tensorboard is installed
+    minutes: float = 0.0  # > 0: a wall-clock budget; the step count is fixed from the measured step time
+    knn_data: str = ""  # labelled --data spec of the kNN's held-out images (e.g. folder:~/photos/val); "": auto
+    verify_images: bool = True  # folder:/list: data: open and PIL-verify every image once, when the index is built
+    wandb: str = ""  # a Weights & Biases project name: also log there (needs `pip install wandb`)
 
 
 @dataclass
@@ -454,6 +458,7 @@ def validate(cfg: Config) -> None:
     check(t.keep_last >= 1, "train.keep_last", "must be >= 1")
     check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     check(t.log_every >= 1, "train.log_every", "must be >= 1")
+    check(t.minutes >= 0, "train.minutes", "must be >= 0 (0: no wall-clock budget, train.epochs x epoch_length steps)")
     check(0.0 < o.layerwise_decay <= 1.0, "optim.layerwise_decay", "must be in (0, 1]")
     check(0.0 <= o.momentum_teacher <= 1.0, "optim.momentum_teacher", "must be in [0, 1]")
     check(o.base_lr > 0, "optim.base_lr", "must be > 0")

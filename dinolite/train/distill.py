@@ -262,7 +262,7 @@ def train_distill(cfg: Config, data, output_dir=None, stop_at_step=None, knn_dat
     batches = StepBatches(dataset, cfg, total_steps, start_step)
     run_dir.start(start_step, save_config_to(cfg), data=data)
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
-    log = MetricsLog(run_dir, t.tensorboard)
+    log = MetricsLog(run_dir, t.tensorboard, t.wandb)
     cadence = Cadence(t, end_step)
     autocast = make_autocast(device, t.precision)
 

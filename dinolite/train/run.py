@@ -33,6 +33,7 @@ from dinolite.train.precision import resolve_precision
 RESUMABLE_KEYS = {
     "train.device", "train.num_workers", "train.threads", "train.progress", "train.tensorboard",
     "train.log_every", "train.checkpoint_every", "train.keep_last", "train.monitor_every", "train.knn_every",
+    "train.verify_images", "train.wandb", "train.knn_data",
 }
 TORCHVISION_KINDS = ("cifar10", "stl10", "imagenette")  # --data kinds with their own test split
 
@@ -233,33 +234,53 @@ def save_config_to(cfg: Config):
 
 
 class MetricsLog:
-    """metrics.jsonl (+ TensorBoard when available and asked for) and an in-memory history (every process)."""
+    """metrics.jsonl and an in-memory history (every process), plus TensorBoard (RUN/tensorboard) when it is
+    installed and train.tensorboard is on, and Weights & Biases when `wandb` names a project (main process)."""
 
-    def __init__(self, run_dir: RunDir, tensorboard: bool = False):
+    def __init__(self, run_dir: RunDir, tensorboard: bool = False, wandb: str = ""):
         self.history = []
         self.path = run_dir.file("metrics.jsonl") if (run_dir.path and run_dir.is_main) else None
-        self.writer = None
-        if tensorboard and self.path:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # optional dependency
-                self.writer = SummaryWriter(run_dir.file("tensorboard"))
-            except ImportError:
-                warnings.warn("train.tensorboard=true but tensorboard is not installed; "
-                              "logging to metrics.jsonl only (pip install tensorboard)", stacklevel=4)
+        self.writer = tensorboard_writer(run_dir.file("tensorboard")) if (tensorboard and self.path) else None
+        self.wandb = wandb_run(wandb, run_dir.path) if (wandb and self.path) else None
 
     def log(self, record: dict):
         self.history.append(record)
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self.writer:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, record["step"])
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, record["step"])
+        if self.wandb:
+            self.wandb.log(scalars, step=record["step"])
 
     def close(self):
         if self.writer:
             self.writer.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def tensorboard_writer(log_dir: str):
+    """A TensorBoard SummaryWriter, or None when tensorboard is not installed (pip install -e '.[tensorboard]')."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir)
+
+
+def wandb_run(project: str, run_path: str):
+    """A Weights & Biases run in `project` named after the run directory, or None (with a warning) without wandb."""
+    try:
+        import wandb  # optional: pip install -e '.[wandb]'
+    except ImportError:
+        warnings.warn(f"train.wandb={project} but wandb is not installed; logging to metrics.jsonl only "
+                      "(pip install -e '.[wandb]')", stacklevel=4)
+        return None
+    return wandb.init(project=project, name=os.path.basename(os.path.abspath(run_path)), dir=run_path,
+                      resume="allow")
 
 
 class Cadence:
