@@ -15,6 +15,8 @@ checkpoint holds, what is exported) stays in the loop's own file:
     # steps.completed; the final kNN and the export
 """
 import contextlib
+import copy
+import dataclasses
 import functools
 import json
 import os
@@ -24,7 +26,7 @@ import warnings
 import torch
 
 from dinolite.checkpoint import latest_checkpoint, remove_stale_temp_files
-from dinolite.data import EvalTransform, SyntheticShapes, SyntheticTextures, build_dataset
+from dinolite.data import DataError, EvalTransform, ImageFolderDataset, SyntheticShapes, SyntheticTextures, build_dataset
 from dinolite.data.spec import write_data_spec
 from dinolite.train.config import Config, TrainConfig, config_diff, load_config, save_config
 from dinolite.train.precision import resolve_precision
@@ -131,15 +133,70 @@ def knn_datasets(data, cfg: Config):
         if t.knn_test_size:
             test_set = torch.utils.data.Subset(test_set, range(min(t.knn_test_size, len(test_set))))
         return train_set, test_set
+    if t.knn_data or isinstance(data, ImageFolderDataset):
+        return folder_knn_datasets(data, cfg, transform)
     return None
 
 
-def training_data(data, cfg: Config, knn_data="auto"):
-    """(dataset, knn_data) of a run: data is a --data spec or a dataset; knn_data "auto" -> knn_datasets."""
+def labels_of(dataset) -> list[int] | None:
+    """The labels of an ImageFolderDataset / ImageListDataset without decoding an image (None: other kinds)."""
+    samples = getattr(dataset, "samples", None)
+    return [label for _, label in samples] if isinstance(dataset, ImageFolderDataset) and samples else None
+
+
+def held_out_split(dataset, labels: list[int], cfg: Config, transform):
+    """(memory, queries) of a labelled folder: a seeded random train.knn_test_size images (default a fifth, at most
+    half) as queries, the others (the first train.knn_train_size of them) as the kNN's memory. The queries stay in
+    the self-supervised training set: training never reads labels; the split keeps kNN's memory and queries apart."""
+    t = cfg.train
+    view = copy.copy(dataset)
+    view.transform = transform
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(t.seed + 1_000_003)).tolist()
+    n_test = min(t.knn_test_size or max(1, len(labels) // 5), len(labels) // 2)
+    memory = order[n_test:][: t.knn_train_size or None]
+    return torch.utils.data.Subset(view, memory), torch.utils.data.Subset(view, order[:n_test])
+
+
+def folder_knn_datasets(dataset, cfg: Config, transform):
+    """kNN data of image folders / lists: train.knn_data (a labelled spec: the queries, with the training folder as
+    the memory when it has the same classes, else split itself), or a held-out split of a labelled training folder.
+    None when there are no labels."""
+    t = cfg.train
+    labels = labels_of(dataset)
+    labelled = labels is not None and min(labels) >= 0 and len(set(labels)) >= 2
+    if not t.knn_data:
+        return held_out_split(dataset, labels, cfg, transform) if labelled else None
+    kind = t.knn_data.split(":")[0]
+    if kind in TORCHVISION_KINDS or kind in ("builtin", "textures"):  # its own held-out split, as for --data
+        own = dataclasses.replace(cfg, train=dataclasses.replace(t, knn_data=""))
+        return knn_datasets(t.knn_data if kind in TORCHVISION_KINDS else build_dataset(t.knn_data), own)
+    extra = build_dataset(t.knn_data, transform=transform, train=False)
+    extra_labels = labels_of(extra) or []
+    if extra_labels and min(extra_labels) < 0:
+        raise DataError(f"train.knn_data={t.knn_data} has unlabelled images: give a folder with one subfolder "
+                        "per class (or a list: file with PATH<TAB>LABEL lines)")
+    if not labelled:  # an unlabelled training folder: the kNN folder is its own memory and queries
+        return held_out_split(extra, extra_labels, cfg, transform)
+    if getattr(dataset, "classes", None) != getattr(extra, "classes", None):
+        raise DataError(f"train.knn_data={t.knn_data} has classes {getattr(extra, 'classes', None)} but the "
+                        f"training data has {getattr(dataset, 'classes', None)}: use the same class subfolder names")
+    view = copy.copy(dataset)
+    view.transform = transform
+    memory = torch.utils.data.Subset(view, range(min(t.knn_train_size or len(view), len(view))))
+    queries = torch.utils.data.Subset(extra, range(min(t.knn_test_size or len(extra), len(extra))))
+    return memory, queries
+
+
+def training_data(data, cfg: Config, knn_data="auto", log=print):
+    """(dataset, knn_data) of a run: data is a --data spec or a dataset; knn_data "auto" -> knn_datasets
+    (logs one line when the data has no labels for kNN)."""
     dataset = build_dataset(data) if isinstance(data, str) else data
     if knn_data == "auto":
         has_test_split = isinstance(data, str) and data.split(":")[0] in TORCHVISION_KINDS
         knn_data = knn_datasets(data if has_test_split else dataset, cfg)
+        if knn_data is None:
+            log(f"note: no kNN accuracy for this run: {data if isinstance(data, str) else 'the data'} has no labels "
+                "(no class subfolders); set train.knn_data=folder:VAL (one subfolder per class) to follow it")
     return dataset, knn_data
 
 
