@@ -29,6 +29,7 @@ from dinolite.checkpoint import latest_checkpoint, remove_stale_temp_files
 from dinolite.data import DataError, EvalTransform, ImageFolderDataset, SyntheticShapes, SyntheticTextures, build_dataset
 from dinolite.data.spec import write_data_spec
 from dinolite.train.config import Config, TrainConfig, config_diff, load_config, save_config
+from dinolite.train.data import decode_side
 from dinolite.train.precision import resolve_precision
 
 # Run-control keys that may change when resuming: they do not change what is computed.
@@ -191,6 +192,8 @@ def training_data(data, cfg: Config, knn_data="auto", log=print):
     """(dataset, knn_data) of a run: data is a --data spec or a dataset; knn_data "auto" -> knn_datasets
     (logs one line when the data has no labels for kNN)."""
     dataset = build_dataset(data) if isinstance(data, str) else data
+    if isinstance(dataset, ImageFolderDataset):
+        dataset.draft_side = decode_side(cfg)  # JPEGs decoded at the smallest size the crops need
     if knn_data == "auto":
         has_test_split = isinstance(data, str) and data.split(":")[0] in TORCHVISION_KINDS
         knn_data = knn_datasets(data if has_test_split else dataset, cfg)
