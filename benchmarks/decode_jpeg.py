@@ -77,8 +77,8 @@ def main():
     print("| images | median size | whole decode (img/s) | reduced decode (img/s) | speed-up |")
     print("| --- | --- | --- | --- | --- |")
     for name, r in rows:
-        print(f"| {name} ({r['images']}) | {r['median_size'][0]} x {r['median_size'][1]} | {r["whole"]:.1f} | "
-              f"{r["reduced"]:.1f} | {r["reduced"] / r["whole"]:.1f}x |")
+        print(f"| {name} ({r['images']}) | {r['median_size'][0]} x {r['median_size'][1]} | {r['whole']:.1f} | "
+              f"{r['reduced']:.1f} | {r['reduced'] / r['whole']:.1f}x |")
 
 
 if __name__ == "__main__":
