@@ -57,3 +57,38 @@ def test_keys_it_does_not_honour_are_one_line_errors(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "does not honour teacher.checkpoint=" in result.stderr and "train.minutes=5.0" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+SLURM_FLAGS = ["--account", "vision", "--qos", "high", "--constraint", "h100|a100", "--exclusive",
+               "--setup", "module load cuda/12.4", "--setup", "source ~/venv/bin/activate"]
+TRAIN = ["--config", "tiny-cpu", "--data", "textures", "--output-dir", "runs/x"]
+
+
+def test_slurm_flags_become_sbatch_lines():
+    import inspect
+
+    import pytest
+    slurm = pytest.importorskip("submitit.slurm.slurm")
+    from scale.launch_slurm import executor_parameters, parse_args
+
+    params = executor_parameters(parse_args([*SLURM_FLAGS, "--", *TRAIN]))
+    slurm_params = {k[len("slurm_"):]: v for k, v in params.items() if k.startswith("slurm_")}
+    assert slurm_params == {"signal_delay_s": 120, "account": "vision", "qos": "high", "constraint": "h100|a100",
+                            "exclusive": True, "setup": ["module load cuda/12.4", "source ~/venv/bin/activate"]}
+    assert set(slurm_params) <= set(inspect.signature(slurm._make_sbatch_string).parameters)  # submitit's names
+    sbatch = slurm._make_sbatch_string("python train.py", "logs", **slurm_params)
+    for line in ("#SBATCH --account=vision", "#SBATCH --qos=high", "#SBATCH --constraint='h100|a100'",
+                 "#SBATCH --exclusive", "module load cuda/12.4\nsource ~/venv/bin/activate"):
+        assert line in sbatch, line
+    assert "slurm_account" not in executor_parameters(parse_args(["--", *TRAIN]))  # absent unless asked
+
+
+def test_launcher_help_shows_defaults_and_dry_run_shows_the_flags():
+    result = _run("scale/launch_slurm.py", "--help")
+    assert result.returncode == 0
+    for text in ("--account", "--qos", "--constraint", "--exclusive", "--setup", "(default: 72:00:00)",
+                 "(default: 8)", "(default: 10)"):
+        assert text in " ".join(result.stdout.split()), text
+    result = _run("scale/launch_slurm.py", *SLURM_FLAGS, "--dry-run", "--", *TRAIN)
+    assert result.returncode == 0, result.stderr
+    assert "'slurm_account': 'vision'" in result.stdout and "'slurm_exclusive': True" in result.stdout
