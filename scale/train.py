@@ -199,7 +199,7 @@ def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, st
     device = torch.device("cuda", torch.cuda.current_device()) if (
         t.device != "cpu" and torch.cuda.is_available() and dist.get_backend() == "nccl") else torch.device("cpu")
     progress = t.progress if progress is None else progress
-    dataset, knn_data = training_data(data, cfg, log=log if is_main else (lambda line: None))
+    dataset, knn_data = training_data(data, cfg, log=log if is_main else (lambda line: None), index_dir=output_dir)
     global_batch = t.batch_size * world_size
     epoch_length, total_steps = run_length(cfg, dataset, world_size)
     StepBatches(dataset, cfg, total_steps, 0, rank, world_size)  # checks the data size before building anything

@@ -232,7 +232,7 @@ def train_distill(cfg: Config, data, output_dir=None, stop_at_step=None, knn_dat
     progress = t.progress if progress is None else progress
     if distributed.get_world_size() > 1:
         raise NotImplementedError("distillation runs in a single process here (the students share one teacher pass)")
-    dataset, knn_data = training_data(data, cfg, knn_data)
+    dataset, knn_data = training_data(data, cfg, knn_data, index_dir=output_dir)
     epoch_length, total_steps = run_length(cfg, dataset)
     arch = DistillArch(cfg, device, teacher)
     optimizers = build_optimizers(arch)

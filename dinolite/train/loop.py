@@ -227,7 +227,7 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
         raise NotImplementedError("dinolite.train.train runs in a single process; wrap the student for "
                                   f"data-parallel training before using {world_size} processes")
     is_main = rank == 0
-    dataset, knn_data = training_data(data, cfg, knn_data)
+    dataset, knn_data = training_data(data, cfg, knn_data, index_dir=output_dir)
     global_batch = t.batch_size * world_size
     epoch_length, total_steps = run_length(cfg, dataset, world_size)
     warning = _small_batch_warning(cfg, world_size)

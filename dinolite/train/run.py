@@ -27,6 +27,7 @@ import torch
 
 from dinolite.checkpoint import latest_checkpoint, remove_stale_temp_files
 from dinolite.data import DataError, EvalTransform, ImageFolderDataset, SyntheticShapes, SyntheticTextures, build_dataset
+from dinolite.data.index import indexable, indexed_dataset
 from dinolite.data.spec import write_data_spec
 from dinolite.train.config import Config, TrainConfig, config_diff, load_config, save_config
 from dinolite.train.data import decode_side
@@ -188,10 +189,14 @@ def folder_knn_datasets(dataset, cfg: Config, transform):
     return memory, queries
 
 
-def training_data(data, cfg: Config, knn_data="auto", log=print):
+def training_data(data, cfg: Config, knn_data="auto", log=print, index_dir: str | None = None):
     """(dataset, knn_data) of a run: data is a --data spec or a dataset; knn_data "auto" -> knn_datasets
-    (logs one line when the data has no labels for kNN)."""
-    dataset = build_dataset(data) if isinstance(data, str) else data
+    (logs one line when the data has no labels for kNN). folder:/list: specs are indexed once, on rank 0, into
+    index_dir/file_index.json (the run directory), and read from there on resume (dinolite.data.index)."""
+    if indexable(data):
+        dataset = indexed_dataset(data, index_dir, cfg.train.verify_images, log)
+    else:
+        dataset = build_dataset(data) if isinstance(data, str) else data
     if isinstance(dataset, ImageFolderDataset):
         dataset.draft_side = decode_side(cfg)  # JPEGs decoded at the smallest size the crops need
     if knn_data == "auto":
