@@ -161,3 +161,10 @@ def test_wandb_logs_every_record_when_a_project_is_named(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.warns(UserWarning, match="wandb is not installed"):
         assert MetricsLog(RunDir(str(tmp_path / "run2")), wandb="photos").wandb is None
+
+
+def test_report_command_without_data_reads_data_txt(tiny_run, tmp_path):
+    result = run_module("dinolite.report", tiny_run[0], "--output", tmp_path / "report.html", "--pool", "12")
+    assert result.returncode == 0, result.stderr[-2000:]
+    page = (tmp_path / "report.html").read_text()
+    assert "the first images of textures:n=64,size=32" in page and "Nearest neighbours" in page
