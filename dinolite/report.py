@@ -4,7 +4,8 @@ Writes one self-contained HTML page about a training run (images inlined as PNG,
   - the loss curves, the teacher's (or students') kNN accuracy and the collapse monitors over the steps, with
     the early warnings the run gave (replayed from metrics.jsonl with the loop's own rules) marked;
   - PCA maps of the patch features and the [CLS] attention maps of the final backbone on a few of the run's
-    images (--data: the run's data spec; without it, the photographs bundled with scikit-image);
+    images (--data, by default the spec the run recorded in RUN/data.txt; without one, the photographs
+    bundled with scikit-image);
   - nearest-neighbour retrievals among the --data images;
   - the run's config.
 RUN is a dinolite-train run, a distillation run (its main student) or a scale/ run (its exported teacher,
@@ -13,7 +14,7 @@ backbone yet, no --data) is skipped and the page says why. Figures follow dinoli
 (use_book_style) and are checked with viz.check_figure. Default output: RUN/report.html.
 
 Example:
-    dinolite-report runs/tiny --data textures:n=2000,size=32
+    dinolite-report runs/tiny
 """
 import argparse
 import base64
@@ -29,6 +30,7 @@ import yaml
 
 from dinolite import viz
 from dinolite.data import DATA_SPEC_FORMS, EvalTransform, build_dataset, sample_photos
+from dinolite.data.spec import read_data_spec
 from dinolite.eval import extract_features, retrieve
 from dinolite.loading import LoadError, load_backbone
 from dinolite.monitor import BelowStartWarning
@@ -226,6 +228,7 @@ def build_report(run: str, data: str | None = None, images: int = 4, pool: int =
     if not os.path.isdir(run) or not os.path.isfile(os.path.join(run, "config.yaml")):
         raise LoadError(f"{run} is not a run directory (no config.yaml): give the --output-dir of dinolite-train "
                         "or scale/train.py")
+    data = data or read_data_spec(run)  # the spec the run recorded in RUN/data.txt
     config_text = open(os.path.join(run, "config.yaml")).read()
     config = yaml.safe_load(config_text) or {}
     kind = run_kind(run, config)
@@ -295,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="data specs:\n  " + "\n  ".join(DATA_SPEC_FORMS))
     parser.add_argument("run", help="a run directory of dinolite-train (also distillation) or scale/train.py")
-    parser.add_argument("--data", help="the run's data spec: its images for the feature maps and retrievals")
+    parser.add_argument("--data", help="the run's data spec: its images for the feature maps and retrievals "
+                        "(default: the spec the run recorded in RUN/data.txt)")
     parser.add_argument("--output", help="the HTML file to write (default: RUN/report.html)")
     parser.add_argument("--student", default="student", help="which student of a distillation run to look at")
     parser.add_argument("--images", type=int, default=4, help="images in the PCA figure")

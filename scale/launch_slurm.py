@@ -38,12 +38,16 @@ def parse_time(text: str) -> int:
     return minutes
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the epilog's line breaks and shows every option's default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python scale/launch_slurm.py", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     formatter_class=_HelpFormatter,
                                      epilog="then: -- TRAIN_ARGS (those of scale/train.py; --output-dir is required)")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--nodes", type=int, default=1, help="SLURM nodes")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (= tasks) per node")
     parser.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
     parser.add_argument("--time", default="72:00:00", help="time limit per job: minutes, H:MM:SS or D-HH:MM:SS")
     parser.add_argument("--cpus-per-task", type=int, default=10, help="CPU cores per GPU (data loading)")
@@ -51,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default="dinolite-scale", help="SLURM job name")
     parser.add_argument("--logs", default=None, help="submitit's logs (default: OUTPUT_DIR/slurm)")
     parser.add_argument("--max-requeues", type=int, default=20, help="give up after this many preemptions/time-outs")
+    parser.add_argument("--account", default=None, help="SLURM account to charge (sbatch --account)")
+    parser.add_argument("--qos", default=None, help="SLURM quality of service (sbatch --qos)")
+    parser.add_argument("--constraint", default=None, help="node features, e.g. 'h100|a100' (sbatch --constraint)")
+    parser.add_argument("--exclusive", action="store_true", help="whole nodes for this job (sbatch --exclusive)")
+    parser.add_argument("--setup", action="append", default=[], metavar="COMMAND",
+                        help="a shell command run before the training on each node, e.g. 'module load cuda/12.4' "
+                             "or 'source ~/venv/bin/activate' (repeat for several, run in order)")
     parser.add_argument("--dry-run", action="store_true", help="print the job and each task's environment; submit nothing")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the arguments of scale/train.py")
     return parser
@@ -83,6 +94,13 @@ def executor_parameters(args: argparse.Namespace) -> dict:
         params["slurm_partition"] = args.partition
     if args.mem_gb:
         params["mem_gb"] = args.mem_gb
+    for name in ("account", "qos", "constraint"):
+        if getattr(args, name):
+            params[f"slurm_{name}"] = getattr(args, name)
+    if args.exclusive:
+        params["slurm_exclusive"] = True
+    if args.setup:
+        params["slurm_setup"] = list(args.setup)
     return params
 
 

@@ -27,13 +27,16 @@ if __package__ in (None, ""):  # run as a file (torchrun scale/train.py): make t
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch.distributed.tensor import DTensor
 
 from dinolite import distributed
 from dinolite.checkpoint import CheckpointError, DiskFullError
 from dinolite.data import DATA_SPEC_FORMS, DataError
 from dinolite.ema import ema_update_
-from dinolite.train.config import Config
+from dinolite.eval import knn_classify
+from dinolite.monitor import CollapseMonitor
+from dinolite.train.config import Config, config_diff
 from dinolite.train.data import StepBatches, move_batch, seed_step
 from dinolite.train.meta_arch import DINOv2MetaArch
 from dinolite.train.optim import apply_schedule_, build_optimizer, schedule_values, student_modules, total_grad_norm
@@ -60,7 +63,14 @@ from dinolite.train.run import (
     warn_low_disk,
 )
 from scale import checkpoint as ckpt
-from scale.config import RESUMABLE_DIST_KEYS, DistConfig, dist_keys, load_scale_config, save_scale_config
+from scale.config import (
+    RESUMABLE_DIST_KEYS,
+    DistConfig,
+    dist_keys,
+    load_scale_config,
+    save_scale_config,
+    scale_config_to_dict,
+)
 from scale.export import export_teacher
 from scale.parallelize import build_sharded_arch, init_distributed, local_shard, precision_on_every_rank
 
@@ -101,6 +111,26 @@ def clip_grad_norm_per_module_(modules: dict, max_norm: float) -> dict[str, torc
     return dict(zip(shards, norms))
 
 
+@torch.no_grad()  # not inference_mode (dinolite.eval.extract_features): FSDP2's unshard needs version counters
+def sharded_knn_accuracy(backbone, knn_data, k: int, batch_size: int = 256) -> float:
+    """dinolite.eval.knn_accuracy for a sharded backbone: every rank embeds the same images (each sharded forward
+    gathers the weights from all ranks), so every rank gets the same top-1 (%)."""
+    features = []
+    was_training = backbone.training
+    backbone.eval()
+    for dataset in knn_data:
+        rows, labels = [], []
+        for images, batch_labels in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+            device = next(backbone.parameters()).device
+            rows.append(backbone.forward_features(images.to(device))["x_norm_clstoken"].float().cpu())
+            labels.append(torch.as_tensor(batch_labels))
+        features.append((torch.cat(rows), torch.cat(labels).long()))
+    backbone.train(was_training)
+    _reshard(backbone)
+    (memory, memory_labels), (queries, query_labels) = features
+    return knn_classify(memory, memory_labels, queries, query_labels, k=k)["top1"]
+
+
 def _reshard(*models) -> None:
     """Free gathered weights of FSDP2 roots that keep them after an inference forward."""
     for model in models:
@@ -113,6 +143,9 @@ def _reshard(*models) -> None:
 
 LOGGED = ("loss", "dino", "ibot", "koleo", "gram")
 MODULE_NORMS = ("backbone_grad_norm", "dino_head_grad_norm", "ibot_head_grad_norm")  # official names
+MONITORED = ("teacher_probs", "student_logits", "student_cls")
+# Keys of the dinolite config that scale/train.py does not act on: a value other than the default is an error.
+UNHONOURED = ("teacher.checkpoint", "teacher.config", "teacher.students", "train.minutes")
 
 
 def train_step(arch: DINOv2MetaArch, optimizer, batch: dict, step: int, values, seed: int, clip_grad: float,
@@ -143,6 +176,7 @@ def train_step(arch: DINOv2MetaArch, optimizer, batch: dict, step: int, values, 
     if record["finite"]:
         optimizer.step()
         ema_update_(arch.teacher, arch.student, values.momentum)
+    record["monitor"] = {k: out[k].detach() for k in MONITORED if k in out}  # this rank's, for the collapse monitor
     return record
 
 
@@ -198,7 +232,7 @@ def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, st
     device = torch.device("cuda", torch.cuda.current_device()) if (
         t.device != "cpu" and torch.cuda.is_available() and "nccl" in str(dist.get_backend())) else torch.device("cpu")
     progress = t.progress if progress is None else progress
-    dataset, _ = training_data(data, cfg, knn_data=None)
+    dataset, knn_data = training_data(data, cfg, log=log if is_main else (lambda line: None), index_dir=output_dir)
     global_batch = t.batch_size * world_size
     epoch_length, total_steps = run_length(cfg, dataset, world_size)
     StepBatches(dataset, cfg, total_steps, 0, rank, world_size)  # checks the data size before building anything
@@ -224,7 +258,7 @@ def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, st
     resumed_step = start_step
     if (continue_from or init_from) and not path:
         start_step = _start_stage(arch, optimizer, continue_from, init_from, total_steps, log if is_main else None)
-    run_dir.start(resumed_step, lambda config_path: save_scale_config(cfg, dcfg, config_path))
+    run_dir.start(resumed_step, lambda config_path: save_scale_config(cfg, dcfg, config_path), data=data)
     dist.barrier()
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
 
@@ -234,9 +268,21 @@ def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, st
         log(describe_precision(t.precision, device, cfg))
     autocast = make_autocast(device, precision)
     stop = Preemption(device)  # SIGTERM: the ranks agree on the step (a flag all-reduced on `device`)
-    metrics, cadence = MetricsLog(run_dir, t.tensorboard), Cadence(t, end_step, stop)
+    metrics, cadence = MetricsLog(run_dir, t.tensorboard, t.wandb), Cadence(t, end_step, stop)
     nonfinite = NonFiniteSteps(t.max_nonfinite, output_dir, ckpt.latest_checkpoint)
     warn_low_disk(run_dir, checkpoint_bytes(arch.student, arch.teacher), t.keep_last)
+    monitor = CollapseMonitor(num_prototypes=cfg.head.dino_out_dim, patience=3,
+                              warmup_steps=int(cfg.loss.warmup_teacher_temp_epochs * epoch_length),
+                              student_temp=cfg.loss.student_temp) if is_main else None
+
+    def evaluate_knn(step):
+        """Every rank runs the same kNN (each sharded forward needs all ranks); rank 0 logs it."""
+        if knn_data is not None:
+            top1 = sharded_knn_accuracy(arch.teacher.backbone, knn_data, k=t.knn_k)
+            metrics.log({"step": step, "knn_top1": top1})
+
+    if start_step == 0 and t.knn_every and start_step < end_step:
+        evaluate_knn(0)  # the network at initialisation, as a baseline
     steps = Steps(make_loader(batches, t.num_workers, device), start_step, end_step, progress and is_main, stop=stop)
     throughput = Throughput(global_batch, start_step)
     for step, batch in steps:
@@ -245,16 +291,29 @@ def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, st
                             autocast)
         done = step + 1
         finite = record.pop("finite")
+        monitored = record.pop("monitor")
         record = {"step": done, **record, "lr": values.lr, "momentum": values.momentum}
         if cadence.log(done) or not finite:
             record["images_per_s"] = throughput(done)
             metrics.log(record)
             steps.show(loss=record["loss"], img_s=record["images_per_s"])
         nonfinite.update(finite, done, record["loss"], record["grad_norm"])
+        if monitor is not None and cadence.monitor(done):
+            warning = monitor.update(loss=record["dino"], teacher_probs=monitored["teacher_probs"],
+                                     student_logits=monitored["student_logits"], features=monitored["student_cls"],
+                                     step=done)
+            metrics.log({"step": done, **{f"monitor/{k}": v for k, v in monitor.history[-1].items()
+                                          if k not in ("step", "loss")}})
+            if warning:
+                warnings.warn(warning, stacklevel=2)
+        if cadence.knn(done):
+            evaluate_knn(done)
         if run_dir.path and cadence.checkpoint(done):
             ckpt.save_checkpoint(arch, optimizer, done, output_dir,
                                  {"global_batch": global_batch, "world_size": world_size},
                                  t.keep_last, dcfg.keep_every)
+    if steps.completed >= total_steps and start_step < total_steps:
+        evaluate_knn(total_steps)
     if steps.completed >= total_steps and run_dir.path:
         export_teacher(arch, run_dir.file("teacher_backbone_official.pth"))
     metrics.close()
@@ -275,11 +334,13 @@ def build_parser():
         description="Distributed DINOv2 training (FSDP2) of the dinolite meta-architecture.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="data specs:\n  " + "\n  ".join(DATA_SPEC_FORMS) + "\n\ndist keys (key=value):\n  "
-        + " ".join(dist_keys()) + "\nand every key of python -m dinolite.train --help",
+        + " ".join(dist_keys()) + "\nand every key of python -m dinolite.train --help but "
+        + ", ".join(UNHONOURED) + " (an error here)",
     )
     parser.add_argument("--config", required=True, help=f"a recipe ({', '.join(RECIPES)}) or a YAML file")
-    parser.add_argument("--data", required=True, help="dataset spec, e.g. textures, builtin:n=2000,size=64")
-    parser.add_argument("--output-dir", required=True, help="checkpoints, logs, config.yaml; resumed if it exists")
+    parser.add_argument("--data", help="dataset spec, e.g. textures, builtin:n=2000,size=64 (required to train)")
+    parser.add_argument("--output-dir", help="checkpoints, logs, config.yaml; resumed if it exists (required to train)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config (with dist:) and exit")
     parser.add_argument("--continue-from", metavar="RUN[@STEP]",
                         help="start a new stage from another scale/ run's weights, optimiser and step "
                              "(any process count)")
@@ -290,14 +351,31 @@ def build_parser():
     return parser
 
 
+def unhonoured_keys(cfg: Config) -> list[str]:
+    """The keys in UNHONOURED that cfg sets to something other than their default."""
+    changed = config_diff(Config(), cfg)
+    return [f"{key}={changed[key][1]}" for key in UNHONOURED if key in changed]
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.print_config and not (args.data and args.output_dir):
+        parser.error("--data and --output-dir are required to train (only --config for --print-config)")
     try:
         cfg, dcfg = load_scale_config(args.config, args.overrides)
+        ignored = unhonoured_keys(cfg)
+        if ignored:
+            raise ValueError(f"scale/train.py does not honour {', '.join(ignored)}: distillation (teacher.*) and "
+                             "train.minutes run with python -m dinolite.train; remove them here")
     except ValueError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here: say it once
             print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        if os.environ.get("RANK", "0") == "0":
+            print(yaml.safe_dump(scale_config_to_dict(cfg, dcfg), sort_keys=False))
+        return 0
     try:
         device = init_distributed(cfg.train.device)
     except UnusableGPUError as e:

@@ -50,7 +50,7 @@ def test_environment_yml_pins_equal_constraints():
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     conda_pins = {r for r in pip_section if not r.startswith("-")}
     wanted = {pins[_name(r)] for r in project["dependencies"] + project["optional-dependencies"]["book"]
-              + project["optional-dependencies"]["test"]}
+              + project["optional-dependencies"]["test"] + project["optional-dependencies"]["tensorboard"]}
     assert conda_pins == wanted, (
         f"only in environment.yml: {sorted(conda_pins - wanted)}; "
         f"only in constraints.txt: {sorted(wanted - conda_pins)}")

@@ -4,6 +4,7 @@ Every dataset returns (image, label) with image a PIL RGB image (or ``transform(
 and label an int (-1 when unknown). The built-in generated datasets are in synthetic.py; the CLI
 ``--data`` string is parsed by spec.build_dataset.
 """
+import math
 import warnings
 from pathlib import Path
 
@@ -58,6 +59,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """
 
     max_bad_images: int | None = None
+    draft_side = 0  # > 0: JPEGs may be decoded at a reduced size whose shorter side stays >= this (see below)
 
     def __init__(self, root, transform=None, verify: bool = True):
         self.root = Path(root).expanduser()
@@ -103,6 +105,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def _load(self, path):
         with Image.open(path) as image:
+            reduce_while_decoding(image, self.draft_side)
             image.load()
             return to_rgb(image)
 
@@ -133,6 +136,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                       f"image instead (bad image {len(self._failed)}{of})")
 
 
+def reduce_while_decoding(image: Image.Image, min_side: int) -> None:
+    """Ask PIL to decode a JPEG at 1/2, 1/4 or 1/8 of its size (the DCT's own scaling, PIL's draft mode) when its
+    shorter side stays >= min_side: far less work for a 4000 x 3000 photo cut into 32-224 px crops. Other formats,
+    and min_side 0, are decoded whole. Call before image.load()."""
+    if not min_side or image.format != "JPEG":
+        return
+    width, height = image.size
+    scale = min_side / min(width, height)
+    if scale < 0.5:  # the largest reduction, 1/2, would still leave at least min_side
+        image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+
+
 class ImageListDataset(ImageFolderDataset):
     """The images named in a text file, one per line: ``PATH`` or ``PATH<TAB>LABEL``.
 
@@ -146,27 +161,32 @@ class ImageListDataset(ImageFolderDataset):
     def __init__(self, list_file, transform=None):
         self.root = Path(list_file).expanduser()
         if not self.root.is_file():
-            raise FileNotFoundError(f"image list {self.root} does not exist; expected a text file with one image "
+            raise DataNotFoundError(f"image list {self.root} does not exist; expected a text file with one image "
                                     "path per line, optionally followed by a tab and an integer label")
         self.transform = transform
         self.samples, self.skipped, self._failed = [], [], set()
-        for number, line in enumerate(self.root.read_text().splitlines(), start=1):
+        try:
+            lines = self.root.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read image list {self.root} ({str(e).splitlines()[0]}); give a text file "
+                            "with one image path per line") from None
+        for number, line in enumerate(lines, start=1):
             if not line.strip() or line.startswith("#"):
                 continue
             path, _, label = line.rstrip("\r\n").partition("\t")
             path = Path(path).expanduser()
             path = path if path.is_absolute() else self.root.parent / path
             if not path.is_file():
-                raise FileNotFoundError(f"{self.root} line {number}: image {path} does not exist "
+                raise DataNotFoundError(f"{self.root} line {number}: image {path} does not exist "
                                         "(relative paths are relative to the list file's folder)")
             try:
                 label = int(label) if label.strip() else -1
             except ValueError:
-                raise ValueError(f"{self.root} line {number}: label {label!r} is not an integer; write "
+                raise DataError(f"{self.root} line {number}: label {label!r} is not an integer; write "
                                  "PATH<TAB>LABEL with an integer class id, or PATH alone") from None
             self.samples.append((path, label))
         if not self.samples:
-            raise ValueError(f"image list {self.root} names no images (blank lines and # comments are skipped)")
+            raise DataError(f"image list {self.root} names no images (blank lines and # comments are skipped)")
         self.classes = [str(c) for c in range(max(label for _, label in self.samples) + 1)]
 
 

@@ -76,3 +76,34 @@ def build_dataset(spec: str, transform=None, train: bool = True, return_mask: bo
     if os.path.isdir(os.path.expanduser(spec)):
         return ImageFolderDataset(os.path.expanduser(spec), transform=transform)
     raise _spec_error(spec, "not a known dataset kind and not an existing directory")
+
+
+DATA_SPEC_FILE = "data.txt"  # in a run directory: the --data spec it was trained on (dinolite-report reads it)
+_PATH_KINDS = ("folder", "list", "cifar10", "stl10", "imagenette")
+
+
+def absolute_spec(spec: str) -> str:
+    """The spec with its path made absolute (folder:photos -> folder:/home/me/photos), so it holds from any cwd."""
+    kind, colon, arg = spec.strip().partition(":")
+    if colon and kind in _PATH_KINDS and arg:
+        return f"{kind}:{os.path.abspath(os.path.expanduser(arg))}"
+    if not colon and os.path.isdir(os.path.expanduser(spec.strip())):
+        return f"folder:{os.path.abspath(os.path.expanduser(spec.strip()))}"
+    return spec.strip()
+
+
+def write_data_spec(run_dir: str, data) -> None:
+    """Record a run's --data spec in RUN/data.txt (nothing for a dataset object: it has no spec)."""
+    if isinstance(data, str) and run_dir:
+        with open(os.path.join(run_dir, DATA_SPEC_FILE), "w") as f:
+            f.write(absolute_spec(data) + "\n")
+
+
+def read_data_spec(run_dir: str) -> str | None:
+    """The --data spec recorded in RUN/data.txt, or None."""
+    path = os.path.join(run_dir, DATA_SPEC_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        spec = f.read().strip()
+    return spec or None

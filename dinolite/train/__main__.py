@@ -17,11 +17,27 @@ run (a full disk, a loss that stays non-finite, too many images gone bad) one li
 (e.g. SLURM before a time limit) finishes the step, writes a checkpoint, says so and exits with code 143.
 """
 import argparse
+import os
 import sys
 
 from dinolite.data import DATA_SPEC_FORMS, DataError
 from dinolite.train.config import apply_overrides, valid_keys
 from dinolite.train.recipes import RECIPES, get_config
+
+
+def world_size_from_env() -> int:
+    """WORLD_SIZE as torchrun / SLURM launchers set it (1 when absent or not a number)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def torchrun_error() -> str:
+    return (f"dinolite.train runs in one process, but WORLD_SIZE={os.environ.get('WORLD_SIZE')} (torchrun?): each "
+            "process would train its own copy into the same directory. For several processes or GPUs use "
+            "`torchrun --nproc_per_node N scale/train.py --config ... --data ... --output-dir ...` "
+            "(the same configs and keys); for one process run without torchrun")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         + "\n\noverride keys (key=value):\n  " + " ".join(valid_keys()),
     )
     parser.add_argument("--config", required=True, help=f"a recipe ({', '.join(RECIPES)}) or a YAML file")
-    parser.add_argument("--data", required=True, help="dataset spec, e.g. builtin, builtin:n=2000,size=64, imagenette:ROOT")
-    parser.add_argument("--output-dir", required=True, help="checkpoints, logs, config.yaml, exported teacher; resumed if it exists")
+    parser.add_argument("--data", help="dataset spec, e.g. builtin, builtin:n=2000,size=64, imagenette:ROOT "
+                        "(required unless --print-config)")
+    parser.add_argument("--output-dir", help="checkpoints, logs, config.yaml, exported teacher; resumed if it exists "
+                        "(required unless --print-config)")
     parser.add_argument("--continue-from", metavar="RUN[@STEP]",
                         help="start a new run from another run's checkpoint (its newest, or STEP): weights, "
                              "optimiser and step count, with this config (e.g. a Gram-anchoring stage)")
@@ -47,7 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.print_config and not (args.data and args.output_dir):
+        parser.error("--data and --output-dir are required to train (only --config for --print-config)")
+    if world_size_from_env() > 1:
+        print(f"error: {torchrun_error()}", file=sys.stderr)
+        return 2
     try:
         cfg = apply_overrides(get_config(args.config), args.overrides)
     except ValueError as e:
@@ -61,6 +85,7 @@ def main(argv=None) -> int:
         return 0
     from dinolite.checkpoint import CheckpointError, DiskFullError
     from dinolite.data import BadImagesError
+    from dinolite.train.budget import BudgetError
     from dinolite.train.loop import train
     from dinolite.train.run import PREEMPTED_EXIT_CODE, NonFiniteLossError, OutputDirError, UnusableGPUError, one_line
 
@@ -70,7 +95,7 @@ def main(argv=None) -> int:
     except (NonFiniteLossError, DiskFullError, BadImagesError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
-    except (DataError, OutputDirError, CheckpointError, UnusableGPUError) as e:
+    except (DataError, OutputDirError, CheckpointError, UnusableGPUError, BudgetError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     if arch.stopped_by:

@@ -139,9 +139,13 @@ class TrainConfig:
     knn_train_size: int = 0  # 0: the whole dataset; else the first n images
     knn_test_size: int = 0  # held-out images for kNN (built-in dataset: a different seed)
     progress: bool = True  # tqdm progress bar
-    tensorboard: bool = False
+    tensorboard: bool = True  # also write TensorBoard event files to RUN/tensorboard when tensorboard is installed
     max_nonfinite: int = 3  # skip a step whose loss or gradient is not finite; stop after this many in a row
     max_bad_images_fraction: float = 0.001  # images unreadable mid-run are skipped up to this fraction (>= 1 image)
+    minutes: float = 0.0  # > 0: a wall-clock budget; the step count is fixed from the measured step time
+    knn_data: str = ""  # labelled --data spec of the kNN's held-out images (e.g. folder:~/photos/val); "": auto
+    verify_images: bool = True  # folder:/list: data: open and PIL-verify every image once, when the index is built
+    wandb: str = ""  # a Weights & Biases project name: also log there (needs `pip install wandb`)
 
 
 @dataclass
@@ -331,6 +335,7 @@ def save_config(cfg: Config, path: str) -> None:
 
 
 def load_config(path: str) -> Config:
+    """A YAML config file; the `dist:` section of a scale/ run's config.yaml is ignored (single process)."""
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
@@ -339,6 +344,8 @@ def load_config(path: str) -> Config:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ValueError(f"{path} is not valid YAML{where} ({getattr(e, 'problem', None) or e}); fix it "
                          "(--print-config shows the expected layout)") from None
+    if isinstance(data, dict):
+        data.pop("dist", None)  # a scale/ run's config.yaml: how it was sharded, not what it computes
     try:
         return config_from_dict(data)
     except ValueError as e:
@@ -460,6 +467,7 @@ def validate(cfg: Config) -> None:
     check(t.log_every >= 1, "train.log_every", "must be >= 1")
     check(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
     check(0.0 <= t.max_bad_images_fraction < 1.0, "train.max_bad_images_fraction", "must be in [0, 1)")
+    check(t.minutes >= 0, "train.minutes", "must be >= 0 (0: no wall-clock budget, train.epochs x epoch_length steps)")
     check(0.0 < o.layerwise_decay <= 1.0, "optim.layerwise_decay", "must be in (0, 1]")
     check(0.0 <= o.momentum_teacher <= 1.0, "optim.momentum_teacher", "must be in [0, 1]")
     check(o.base_lr > 0, "optim.base_lr", "must be > 0")

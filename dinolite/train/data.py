@@ -10,6 +10,8 @@ Data order: the global stream of images is epoch after epoch of a permutation of
 permutation e drawn from (seed, e); step s on rank r takes stream positions
 [s * world * B + r * B, s * world * B + (r + 1) * B).
 """
+import math
+
 import numpy as np
 import torch
 
@@ -45,6 +47,24 @@ def build_augmentation(cfg: Config, sizes: tuple[int, int] | None = None) -> Mul
         blur_sigma=(c.blur_sigma_min, c.blur_sigma_max), flip_p=c.flip_probability,
         gram_size=gram_crop_size(cfg, global_size),
     )
+
+
+def decode_side(cfg: Config) -> int:
+    """The shorter image side that JPEGs may be decoded down to with no crop of the run losing resolution.
+
+    A random resized crop covers a fraction s >= scale_min of the image's area with an aspect ratio in [3/4, 4/3],
+    so its shorter side is at least sqrt(0.75 s W H) >= sqrt(0.75 scale_min) * min(W, H). It is resized to `size`
+    pixels, so min(W, H) >= size / sqrt(0.75 scale_min) keeps every crop at or above its output resolution.
+    DINOv2's 98 px locals from 5 % of the image: 507 px; tiny-cpu's 16 px locals from 10 %: 59 px.
+    """
+    c = cfg.crops
+    pairs = parse_size_pairs(c.size_pairs) or [(c.global_size, c.local_size, 1.0)]
+    sides = []
+    for global_size, local_size, _ in pairs:
+        sides.append(max(global_size, gram_crop_size(cfg, global_size) or 0) / math.sqrt(0.75 * c.global_scale_min))
+        if c.n_local:
+            sides.append(local_size / math.sqrt(0.75 * c.local_scale_min))
+    return math.ceil(max(sides))
 
 
 def gram_crop_size(cfg: Config, global_size: int | None = None) -> int | None:

@@ -247,7 +247,7 @@ def train_distill(cfg: Config, data, output_dir=None, stop_at_step=None, knn_dat
     progress = t.progress if progress is None else progress
     if distributed.get_world_size() > 1:
         raise NotImplementedError("distillation runs in a single process here (the students share one teacher pass)")
-    dataset, knn_data = training_data(data, cfg, knn_data)
+    dataset, knn_data = training_data(data, cfg, knn_data, index_dir=output_dir)
     epoch_length, total_steps = run_length(cfg, dataset)
     arch = DistillArch(cfg, device, teacher)
     optimizers = build_optimizers(arch)
@@ -275,9 +275,9 @@ def train_distill(cfg: Config, data, output_dir=None, stop_at_step=None, knn_dat
             raise CheckpointError(f"{source} does not hold student {name!r} of this config ({type(e).__name__}): "
                                   "continue a distillation run with the same students") from None
     batches = StepBatches(dataset, cfg, total_steps, start_step)
-    run_dir.start(start_step, save_config_to(cfg))
+    run_dir.start(start_step, save_config_to(cfg), data=data)
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
-    log = MetricsLog(run_dir, t.tensorboard)
+    log = MetricsLog(run_dir, t.tensorboard, t.wandb)
     stop = Preemption(device)
     cadence = Cadence(t, end_step, stop)
     nonfinite = NonFiniteSteps(t.max_nonfinite, run_dir.path)

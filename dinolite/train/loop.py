@@ -10,6 +10,7 @@ student, teacher, optimiser and centering state. So a run stopped after step s a
 continues bitwise like an uninterrupted one (on CPU; CUDA kernels may be non-deterministic).
 """
 import contextlib
+import copy
 import math
 import warnings
 
@@ -21,6 +22,7 @@ from dinolite.ema import ema_update_
 from dinolite.eval import knn_accuracy
 from dinolite.hub import export_official
 from dinolite.monitor import BelowStartWarning, CollapseMonitor, check_teacher
+from dinolite.train.budget import PROBE_STEPS, BudgetError, fit_to_minutes
 from dinolite.train.config import Config, config_diff, config_from_dict, config_to_dict
 from dinolite.train.data import StepBatches, move_batch, seed_step
 from dinolite.train.distill import train_distill
@@ -160,6 +162,33 @@ def start_from_weights(state: dict, arch: DINOv2MetaArch, source: str) -> None:
                               "model and head settings") from None
 
 
+def probe_steps(arch: DINOv2MetaArch, optimizer, dataset, cfg: Config, device: torch.device):
+    """run_steps(n) for budget.fit_to_minutes: the next n steps from the start (real loader, real step), after which
+    run_steps.restore() puts the weights and optimiser back as they were, so the probe leaves no trace in the run."""
+    t = cfg.train
+    initial = copy.deepcopy((arch.state_dict(), optimizer.state_dict()))
+    epoch_length, total_steps = run_length(cfg, dataset)
+    batches = StepBatches(dataset, cfg, 1 + PROBE_STEPS, 0)
+    loader = iter(make_loader(batches, t.num_workers, device))
+    autocast = make_autocast(device, resolve_precision(t.precision, device, cfg))
+
+    def run_steps(n):
+        for _ in range(n):
+            batch = next(loader)
+            values = schedule_values(cfg, batch["step"], total_steps, epoch_length, t.batch_size)
+            train_step(arch, optimizer, move_batch(batch, device), batch["step"], values, seed=t.seed,
+                       clip_grad=cfg.optim.clip_grad, autocast=autocast)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def restore():
+        arch.load_state_dict(initial[0])
+        optimizer.load_state_dict(initial[1])
+
+    run_steps.restore = restore
+    return run_steps
+
+
 def _small_batch_warning(cfg: Config, world_size: int) -> str | None:
     B = cfg.train.batch_size
     if B >= SMALL_BATCH:
@@ -212,6 +241,9 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
         raise CheckpointError("give either continue_from (weights, optimiser and step) or init_from (weights only)")
     if cfg.teacher.checkpoint and init_from:
         raise CheckpointError("init_from starts DINOv2/v3 training; a distillation stage continues with continue_from")
+    if cfg.teacher.checkpoint and cfg.train.minutes:
+        raise BudgetError("train.minutes is not available for distillation (teacher.checkpoint) yet; "
+                          "set the run length with train.epochs and train.epoch_length")
     if cfg.teacher.checkpoint:  # distillation from a frozen teacher (dinolite.train.distill)
         return train_distill(cfg, data, output_dir, stop_at_step, knn_data, device, progress,
                              continue_from=continue_from)
@@ -225,7 +257,7 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
         raise NotImplementedError("dinolite.train.train runs in a single process; wrap the student for "
                                   f"data-parallel training before using {world_size} processes")
     is_main = rank == 0
-    dataset, knn_data = training_data(data, cfg, knn_data)
+    dataset, knn_data = training_data(data, cfg, knn_data, index_dir=output_dir)
     global_batch = t.batch_size * world_size
     epoch_length, total_steps = run_length(cfg, dataset, world_size)
     warning = _small_batch_warning(cfg, world_size)
@@ -242,6 +274,13 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
 
     # Output directory: resume from its newest checkpoint, or continue from another run's.
     run_dir = RunDir(output_dir, is_main)
+    if t.minutes > 0:  # fix the step count from the measured step time (dinolite.train.budget)
+        probe = probe_steps(arch, optimizer, dataset, cfg, device)
+        epoch_length, note = fit_to_minutes(cfg, run_dir, probe)
+        probe.restore()
+        total_steps = t.epochs * epoch_length
+        if is_main:
+            print(note)
     start_step = 0
     path = run_dir.latest_checkpoint()
     if path:
@@ -270,10 +309,10 @@ def _train(cfg: Config, data, output_dir, stop_at_step, knn_data, device, progre
         if is_main:
             print(f"starting at step 0 from the weights of {source} (fresh optimiser)")
     batches = StepBatches(dataset, cfg, total_steps, start_step, rank, world_size)  # checks the data size
-    run_dir.start(resumed_step, save_config_to(cfg))
+    run_dir.start(resumed_step, save_config_to(cfg), data=data)
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
 
-    log = MetricsLog(run_dir, t.tensorboard)
+    log = MetricsLog(run_dir, t.tensorboard, t.wandb)
     stop = Preemption(device)
     cadence = Cadence(t, end_step, stop)
     nonfinite = NonFiniteSteps(t.max_nonfinite, run_dir.path)

@@ -15,6 +15,8 @@ checkpoint holds, what is exported) stays in the loop's own file:
     # steps.completed; the final kNN and the export
 """
 import contextlib
+import copy
+import dataclasses
 import functools
 import json
 import math
@@ -29,8 +31,11 @@ import torch
 import torch.distributed as dist
 
 from dinolite.checkpoint import latest_checkpoint, remove_stale_temp_files, warn_if_low_space
-from dinolite.data import EvalTransform, SyntheticShapes, SyntheticTextures, build_dataset
+from dinolite.data import DataError, EvalTransform, ImageFolderDataset, SyntheticShapes, SyntheticTextures, build_dataset
+from dinolite.data.index import indexable, indexed_dataset
+from dinolite.data.spec import write_data_spec
 from dinolite.train.config import Config, TrainConfig, config_diff, load_config, save_config
+from dinolite.train.data import decode_side
 from dinolite.train.precision import resolve_precision
 
 # Run-control keys that may change when resuming: they do not change what is computed.
@@ -38,6 +43,7 @@ RESUMABLE_KEYS = {
     "train.device", "train.num_workers", "train.threads", "train.progress", "train.tensorboard",
     "train.log_every", "train.checkpoint_every", "train.keep_last", "train.monitor_every", "train.knn_every",
     "train.max_nonfinite", "train.max_bad_images_fraction",
+    "train.verify_images", "train.wandb", "train.knn_data",
 }
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what the shell reports for a job killed by SIGTERM: not finished
 TORCHVISION_KINDS = ("cifar10", "stl10", "imagenette")  # --data kinds with their own test split
@@ -188,17 +194,78 @@ def knn_datasets(data, cfg: Config):
         if t.knn_test_size:
             test_set = torch.utils.data.Subset(test_set, range(min(t.knn_test_size, len(test_set))))
         return train_set, test_set
+    if t.knn_data or isinstance(data, ImageFolderDataset):
+        return folder_knn_datasets(data, cfg, transform)
     return None
 
 
-def training_data(data, cfg: Config, knn_data="auto"):
-    """(dataset, knn_data) of a run: data is a --data spec or a dataset; knn_data "auto" -> knn_datasets."""
-    dataset = build_dataset(data) if isinstance(data, str) else data
+def labels_of(dataset) -> list[int] | None:
+    """The labels of an ImageFolderDataset / ImageListDataset without decoding an image (None: other kinds)."""
+    samples = getattr(dataset, "samples", None)
+    return [label for _, label in samples] if isinstance(dataset, ImageFolderDataset) and samples else None
+
+
+def held_out_split(dataset, labels: list[int], cfg: Config, transform):
+    """(memory, queries) of a labelled folder: a seeded random train.knn_test_size images (default a fifth, at most
+    half) as queries, the others (the first train.knn_train_size of them) as the kNN's memory. The queries stay in
+    the self-supervised training set: training never reads labels; the split keeps kNN's memory and queries apart."""
+    t = cfg.train
+    view = copy.copy(dataset)
+    view.transform = transform
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(t.seed + 1_000_003)).tolist()
+    n_test = min(t.knn_test_size or max(1, len(labels) // 5), len(labels) // 2)
+    memory = order[n_test:][: t.knn_train_size or None]
+    return torch.utils.data.Subset(view, memory), torch.utils.data.Subset(view, order[:n_test])
+
+
+def folder_knn_datasets(dataset, cfg: Config, transform):
+    """kNN data of image folders / lists: train.knn_data (a labelled spec: the queries, with the training folder as
+    the memory when it has the same classes, else split itself), or a held-out split of a labelled training folder.
+    None when there are no labels."""
+    t = cfg.train
+    labels = labels_of(dataset)
+    labelled = labels is not None and min(labels) >= 0 and len(set(labels)) >= 2
+    if not t.knn_data:
+        return held_out_split(dataset, labels, cfg, transform) if labelled else None
+    kind = t.knn_data.split(":")[0]
+    if kind in TORCHVISION_KINDS or kind in ("builtin", "textures"):  # its own held-out split, as for --data
+        own = dataclasses.replace(cfg, train=dataclasses.replace(t, knn_data=""))
+        return knn_datasets(t.knn_data if kind in TORCHVISION_KINDS else build_dataset(t.knn_data), own)
+    extra = build_dataset(t.knn_data, transform=transform, train=False)
+    extra_labels = labels_of(extra) or []
+    if extra_labels and min(extra_labels) < 0:
+        raise DataError(f"train.knn_data={t.knn_data} has unlabelled images: give a folder with one subfolder "
+                        "per class (or a list: file with PATH<TAB>LABEL lines)")
+    if not labelled:  # an unlabelled training folder: the kNN folder is its own memory and queries
+        return held_out_split(extra, extra_labels, cfg, transform)
+    if getattr(dataset, "classes", None) != getattr(extra, "classes", None):
+        raise DataError(f"train.knn_data={t.knn_data} has classes {getattr(extra, 'classes', None)} but the "
+                        f"training data has {getattr(dataset, 'classes', None)}: use the same class subfolder names")
+    view = copy.copy(dataset)
+    view.transform = transform
+    memory = torch.utils.data.Subset(view, range(min(t.knn_train_size or len(view), len(view))))
+    queries = torch.utils.data.Subset(extra, range(min(t.knn_test_size or len(extra), len(extra))))
+    return memory, queries
+
+
+def training_data(data, cfg: Config, knn_data="auto", log=print, index_dir: str | None = None):
+    """(dataset, knn_data) of a run: data is a --data spec or a dataset; knn_data "auto" -> knn_datasets
+    (logs one line when the data has no labels for kNN). folder:/list: specs are indexed once, on rank 0, into
+    index_dir/file_index.json (the run directory), and read from there on resume (dinolite.data.index)."""
+    if indexable(data):
+        dataset = indexed_dataset(data, index_dir, cfg.train.verify_images, log)
+    else:
+        dataset = build_dataset(data) if isinstance(data, str) else data
+    if isinstance(dataset, ImageFolderDataset):
+        dataset.draft_side = decode_side(cfg)  # JPEGs decoded at the smallest size the crops need
     if hasattr(dataset, "max_bad_images"):  # files that go bad mid-run: skipped up to this many, then an error
         dataset.max_bad_images = max(1, int(cfg.train.max_bad_images_fraction * len(dataset)))
     if knn_data == "auto":
         has_test_split = isinstance(data, str) and data.split(":")[0] in TORCHVISION_KINDS
         knn_data = knn_datasets(data if has_test_split else dataset, cfg)
+        if knn_data is None:
+            log(f"note: no kNN accuracy for this run: {data if isinstance(data, str) else 'the data'} has no labels "
+                "(no class subfolders); set train.knn_data=folder:VAL (one subfolder per class) to follow it")
     return dataset, knn_data
 
 
@@ -254,13 +321,15 @@ class RunDir:
                                  f"same config, or use a new --output-dir. Only these keys may change on resume: "
                                  f"{', '.join(sorted(RESUMABLE_KEYS))}")
 
-    def start(self, resumed_step: int, save=None) -> None:
-        """Main process: write config.yaml (save(path)) and cut metrics.jsonl back to the step resumed from, so
-        steps a killed run logged after its last checkpoint are not logged twice (resumed_step 0: removed)."""
+    def start(self, resumed_step: int, save=None, data=None) -> None:
+        """Main process: write config.yaml (save(path)) and data.txt (the --data spec, when data is one), and cut
+        metrics.jsonl back to the step resumed from, so steps a killed run logged after its last checkpoint are
+        not logged twice (resumed_step 0: removed)."""
         if not (self.path and self.is_main):
             return
         if save is not None:
             save(self.file("config.yaml"))
+        write_data_spec(self.path, data)
         metrics = self.file("metrics.jsonl")
         if not os.path.exists(metrics):
             return
@@ -291,33 +360,54 @@ def save_config_to(cfg: Config):
 
 
 class MetricsLog:
-    """metrics.jsonl (+ TensorBoard when available and asked for) and an in-memory history (every process)."""
+    """metrics.jsonl and an in-memory history (every process), plus TensorBoard (RUN/tensorboard) when it is
+    installed and train.tensorboard is on, and Weights & Biases when `wandb` names a project (main process)."""
 
-    def __init__(self, run_dir: RunDir, tensorboard: bool = False):
+    def __init__(self, run_dir: RunDir, tensorboard: bool = False, wandb: str = ""):
         self.history = []
         self.path = run_dir.file("metrics.jsonl") if (run_dir.path and run_dir.is_main) else None
-        self.writer = None
-        if tensorboard and self.path:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # optional dependency
-                self.writer = SummaryWriter(run_dir.file("tensorboard"))
-            except ImportError:
-                warnings.warn("train.tensorboard=true but tensorboard is not installed; "
-                              "logging to metrics.jsonl only (pip install tensorboard)", stacklevel=4)
+        self.writer = tensorboard_writer(run_dir.file("tensorboard")) if (tensorboard and self.path) else None
+        self.wandb = wandb_run(wandb, run_dir.path) if (wandb and self.path) else None
 
     def log(self, record: dict):
         self.history.append(record)
         if self.path:
             with open(self.path, "a") as f:
                 f.write(strict_json(record) + "\n")
+        scalars = {k: v for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
         if self.writer:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(key, value, record["step"])
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, record["step"])
+        if self.wandb:
+            self.wandb.log(scalars, step=record["step"])
 
     def close(self):
         if self.writer:
             self.writer.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def tensorboard_writer(log_dir: str):
+    """A TensorBoard SummaryWriter, or None when tensorboard is not installed (pip install -e '.[tensorboard]')."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir)
+
+
+def wandb_run(project: str, run_path: str):
+    """A Weights & Biases run in `project` named after the run directory, or None (with a warning) without wandb."""
+    try:
+        import wandb  # optional: pip install -e '.[wandb]'
+    except ImportError:
+        warnings.warn(f"train.wandb={project} but wandb is not installed; logging to metrics.jsonl only "
+                      "(pip install -e '.[wandb]')", stacklevel=4)
+        return None
+    return wandb.init(project=project, name=os.path.basename(os.path.abspath(run_path)), dir=run_path,
+                      resume="allow")
 
 
 def one_line(error: BaseException) -> str:
