@@ -2,12 +2,20 @@
 
     python benchmarks/prepare_photos.py                               # 32 and 64 px under /work/data/photos
     python benchmarks/prepare_photos.py --src RAW --out OUT --sizes 32 64 96
+    python benchmarks/prepare_photos.py --src /work/data/imagewoof_raw --name imagewoof   # the second set
 
 Source: Imagenette (fast.ai), a 10-class subset of ImageNet (tench, English springer, cassette player,
 chain saw, church, French horn, garbage truck, gas pump, golf ball, parachute; WordNet ids n01440764 ...).
 The copy used here is the one in the public GitHub repository thunderInfy/imagenette, extracted to
-RAW/{train,val}/<wnid>/*.JPEG (about 9.5k train and 3.9k val images). The images are ImageNet's, under
-ImageNet's terms: for research, not redistributed here.
+RAW/{train,val}/<wnid>/*.JPEG (9,469 train and 3,925 val images, 224 x 224 there). The images are
+ImageNet's, under ImageNet's terms: for research, not redistributed here.
+
+The second set, for confirming what the first one suggests: Imagewoof (fast.ai), 10 dog breeds of ImageNet
+(Shih-Tzu, Rhodesian ridgeback, beagle, English foxhound, Border terrier, Australian terrier, golden
+retriever, Old English sheepdog, Samoyed, dingo; none of them an Imagenette class), a fine-grained task,
+from the public GitHub repository thunderInfy/imagewoof (commit 6338aee; 9,025 train and 3,929 val images,
+224 x 224, the same layout). Both sets come from ImageNet, so they share its photographic statistics; CIFAR-10
+is kept out of development on purpose (reserved for independent checks).
 
 Output: OUT/imagenette<S>/{train,val}/<wnid>/<name>.png for each size S, usable as `--data folder:PATH`
 (each subfolder a class). Each image is converted to RGB, its shorter side resized to S with Pillow's
