@@ -43,6 +43,7 @@ import argparse
 import copy
 import math
 import multiprocessing as mp
+import os
 import statistics
 import time
 
@@ -95,8 +96,6 @@ def _split(images, labels, seed: int):
 
 def _class_folders(root: str):
     """Images (RGB, loaded) and integer labels of root/<class>/* (classes in sorted order)."""
-    import os
-
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     images, labels = [], []
     for label, cls in enumerate(classes):
@@ -111,8 +110,6 @@ def _class_folders(root: str):
 def folder_set(path: str, seed: int = 0):
     """folder:PATH -> (train images, labels, held-out images, labels): PATH/train and PATH/val (or PATH/test)
     when they exist, else PATH's class folders split 3:1."""
-    import os
-
     path = os.path.expanduser(path)
     held_out = next((os.path.join(path, d) for d in ("val", "test") if os.path.isdir(os.path.join(path, d))), None)
     if os.path.isdir(os.path.join(path, "train")) and held_out:
@@ -422,6 +419,9 @@ def main():
     for name in [args.data] + (args.knn or []):
         if name not in ("photos", "digits", "faces", "textures") and not name.startswith("folder:"):
             p.error(f"unknown data {name!r}: choose photos, digits, faces, textures or folder:PATH")
+        if name.startswith("folder:") and not os.path.isdir(os.path.expanduser(name[len("folder:"):])):
+            p.error(f"{name[len('folder:'):]} is not a folder; give folder:PATH with PATH/train/<class>/* and "
+                    "PATH/val/<class>/* (benchmarks/prepare_photos.py builds Imagenette so)")
     if args.steps < 0:
         p.error("--steps must be >= 0 (0: train for --budget seconds)")
     args.seed = args.seeds[0]
