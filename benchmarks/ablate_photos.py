@@ -137,7 +137,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="+", default=list(ROWS), help="rows to run, in this order (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default 1000; with --table: all)")
     p.add_argument("--data", default=DEFAULT_DATA, help="folder:PATH with train/ and val/ class folders")
     p.add_argument("--out", default=DEFAULT_OUT, help="results JSONL (appended; finished runs are skipped)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
@@ -154,8 +154,9 @@ def main():
             print(f"{row:>15}: {what}  [{side}, {recipe}{', ' if overrides else ''}{' '.join(overrides)}]")
         return
     if args.table:
-        print(table(args.out, None, args.data))
+        print(table(args.out, args.steps, args.data))
         return
+    args.steps = args.steps or 1000
     if args.one:
         run_one(args.one[0], int(args.one[1]), args.steps, args.data, args.out)
         return
