@@ -49,6 +49,7 @@ ROWS = {
     "softmax-centre": ("dinolite", "tiny-cpu", ["loss.centering=softmax_center"],
                        "softmax centring (momentum 0.9) instead of Sinkhorn-Knopp"),
     "lr0.01": ("dinolite", "tiny-cpu", ["optim.base_lr=0.01"], "base lr 0.01 (peak 1.8e-3; tiny-cpu 0.03: 5.3e-3)"),
+    "lr0.005": ("dinolite", "tiny-cpu", ["optim.base_lr=0.005"], "base lr 0.005 (peak 8.8e-4)"),
     "lr-lightly": ("dinolite", "tiny-cpu", LIGHTLY_LR, "lr constant 5e-4, no warm-up, as Lightly"),
     "temp0.04-0.07": ("dinolite", "tiny-cpu", ["loss.teacher_temp=0.07", "loss.warmup_teacher_temp=0.04",
                                                "loss.warmup_teacher_temp_epochs=3"],
