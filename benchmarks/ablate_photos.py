@@ -175,7 +175,8 @@ def main():
     while todo or running:
         while todo and len(running) < args.jobs:
             row, seed = todo.pop(0)
-            log = open(os.path.join(logs, f"{row}_seed{seed}_{args.steps}.log"), "w")
+            data_name = os.path.basename(os.path.normpath(args.data.split(":", 1)[-1]))
+            log = open(os.path.join(logs, f"{data_name}_{row}_seed{seed}_{args.steps}.log"), "w")
             cmd = [sys.executable, os.path.abspath(__file__), "--one", row, str(seed), "--steps", str(args.steps),
                    "--data", args.data, "--out", args.out]
             env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
