@@ -118,9 +118,11 @@ def load_results(out: str) -> list:
 
 
 def table(out: str, steps: int | None, data: str) -> str:
-    """Markdown table: one line per row with results, in ROWS order, mean over seeds and the gain's spread."""
+    """Markdown table: one line per row with results, in ROWS order: means over seeds, the gain's spread, and the
+    median CPU seconds per step of the run's process (data loading included; steadier than the wall clock on a
+    shared machine)."""
     results = [r for r in load_results(out) if r["data"] == data and (steps is None or r["steps"] == steps)]
-    lines = ["| change | kNN init | kNN end | gain | gain spread (std; min..max) | seeds | steps | s/step |",
+    lines = ["| change | kNN init | kNN end | gain | gain spread (std; min..max) | seeds | steps | CPU s/step |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row, (_, _, _, what) in ROWS.items():
         for n_steps in sorted({r["steps"] for r in results if r["row"] == row}):
@@ -130,7 +132,7 @@ def table(out: str, steps: int | None, data: str) -> str:
             lines.append(f"| {what} | {statistics.mean(r['knn_init'] for r in rs):.2f} | "
                          f"{statistics.mean(r['knn_end'] for r in rs):.2f} | {statistics.mean(gains):+.2f} | "
                          f"{std}{min(gains):+.2f}..{max(gains):+.2f} | {len(rs)} | {n_steps} | "
-                         f"{statistics.median(r['s_per_step'] for r in rs):.3f} |")
+                         f"{statistics.median(r['cpu_s_per_step'] for r in rs):.3f} |")
     return "\n".join(lines)
 
 
