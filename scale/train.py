@@ -42,25 +42,27 @@ from dinolite.train.meta_arch import DINOv2MetaArch
 from dinolite.train.optim import apply_schedule_, build_optimizer, schedule_values, student_modules, total_grad_norm
 from dinolite.train.precision import describe_precision
 from dinolite.train.recipes import RECIPES
+from dinolite.train.faults import (
+    NonFiniteLossError,
+    NonFiniteSteps,
+    PREEMPTED_EXIT_CODE,
+    Preemption,
+    checkpoint_bytes,
+    warn_low_disk,
+)
 from dinolite.train.run import (
-    RESUMABLE_KEYS,
     Cadence,
     MetricsLog,
-    NonFiniteLossError,
-    PREEMPTED_EXIT_CODE,
-    NonFiniteSteps,
     OutputDirError,
-    Preemption,
+    RESUMABLE_KEYS,
     RunDir,
     Steps,
     Throughput,
     UnusableGPUError,
-    checkpoint_bytes,
     make_autocast,
     make_loader,
     run_length,
     training_data,
-    warn_low_disk,
 )
 from scale import checkpoint as ckpt
 from scale.config import (

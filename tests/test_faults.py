@@ -19,7 +19,8 @@ from dinolite.data import BadImagesError, ImageFolderDataset
 from dinolite.train import train
 from dinolite.train.__main__ import main
 from dinolite.train.meta_arch import DINOv2MetaArch
-from dinolite.train.run import NonFiniteLossError, one_line, strict_json
+from dinolite.train.faults import NonFiniteLossError, one_line
+from dinolite.train.run import strict_json
 from tests.distributed_utils import run_distributed
 from tests.test_distill import distill_cfg, teacher_file
 from tests.test_train import DATA_SPEC, MICRO, micro_config

@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     from dinolite.data import BadImagesError
     from dinolite.train.budget import BudgetError
     from dinolite.train.loop import train
-    from dinolite.train.run import PREEMPTED_EXIT_CODE, NonFiniteLossError, OutputDirError, UnusableGPUError, one_line
+    from dinolite.train.faults import NonFiniteLossError, PREEMPTED_EXIT_CODE, one_line
+    from dinolite.train.run import OutputDirError, UnusableGPUError
 
     try:
         arch = train(cfg, args.data, output_dir=args.output_dir, continue_from=args.continue_from,

@@ -38,23 +38,19 @@ from dinolite.train.meta_arch import build_student
 from dinolite.train.optim import (StepValues, apply_schedule_, build_optimizer, clip_grad_norm_per_module_,
                                   schedule_values, student_modules, total_grad_norm)
 from dinolite.train.recipes import get_config
+from dinolite.train.faults import NonFiniteSteps, Preemption, checkpoint_bytes, finite, warn_low_disk
 from dinolite.train.run import (
     Cadence,
     MetricsLog,
-    NonFiniteSteps,
-    Preemption,
     RunDir,
     Steps,
     Throughput,
-    checkpoint_bytes,
-    finite,
     make_autocast,
     make_loader,
     resolve_device,
     run_length,
     save_config_to,
     training_data,
-    warn_low_disk,
 )
 
 

@@ -30,18 +30,15 @@ from dinolite.train.meta_arch import DINOv2MetaArch
 from dinolite.train.optim import (StepValues, apply_schedule_, build_optimizer, clip_grad_norm_per_module_,
                                   schedule_values, student_modules, total_grad_norm)
 from dinolite.train.precision import describe_precision, resolve_precision
+from dinolite.train.faults import NonFiniteSteps, Preemption, checkpoint_bytes, finite, warn_low_disk
 from dinolite.train.run import (
-    RESUMABLE_KEYS,
     Cadence,
     MetricsLog,
-    NonFiniteSteps,
     OutputDirError,
-    Preemption,
+    RESUMABLE_KEYS,
     RunDir,
     Steps,
     Throughput,
-    checkpoint_bytes,
-    finite,
     intra_op_threads,
     make_autocast,
     make_loader,
@@ -49,7 +46,6 @@ from dinolite.train.run import (
     run_length,
     save_config_to,
     training_data,
-    warn_low_disk,
 )
 
 # Below this many images per rank and step, batch statistics (Sinkhorn-Knopp columns, KoLeo

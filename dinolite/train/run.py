@@ -22,15 +22,12 @@ import json
 import math
 import os
 import shutil
-import signal
-import threading
 import time
 import warnings
 
 import torch
-import torch.distributed as dist
 
-from dinolite.checkpoint import latest_checkpoint, remove_stale_temp_files, warn_if_low_space
+from dinolite.checkpoint import latest_checkpoint, remove_stale_temp_files
 from dinolite.data import DataError, EvalTransform, ImageFolderDataset, SyntheticShapes, SyntheticTextures, build_dataset
 from dinolite.data.index import indexable, indexed_dataset
 from dinolite.data.spec import write_data_spec
@@ -45,16 +42,11 @@ RESUMABLE_KEYS = {
     "train.max_nonfinite", "train.max_bad_images_fraction",
     "train.verify_images", "train.wandb", "train.knn_data",
 }
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what the shell reports for a job killed by SIGTERM: not finished
 TORCHVISION_KINDS = ("cifar10", "stl10", "imagenette")  # --data kinds with their own test split
 
 
 class OutputDirError(ValueError):
     """The output directory cannot be used for this run (a different config is saved there, or it is a file)."""
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss or the gradient norm was not finite for train.max_nonfinite steps in a row."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -410,16 +402,6 @@ def wandb_run(project: str, run_path: str):
                       resume="allow")
 
 
-def one_line(error: BaseException) -> str:
-    """The message of an error for `error: ...` at a CLI. An error raised in a DataLoader worker arrives wrapped
-    ("Caught X in DataLoader worker process 0. Original Traceback ... X: message"): its last line, unwrapped."""
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return text
-
-
 def strict_json(record: dict) -> str:
     """One JSON line, NaN and infinities written as null (json.dumps would write NaN, which is not JSON)."""
     return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()},
@@ -508,94 +490,3 @@ class Steps:
     def show(self, **values: float) -> None:
         if self.bar:
             self.bar.set_postfix({k: f"{v:.3f}" if k != "img_s" else f"{v:.0f}" for k, v in values.items()})
-
-
-# ---------------------------------------------------------------------------------------
-# faults: preemption, non-finite steps, disk space
-
-
-class Preemption:
-    """SIGTERM (SLURM's warning before it kills a job; submitit then requeues it): finish the step, checkpoint, stop.
-
-    Steps installs the handler while its loop runs (main thread only) and restores the previous one after.
-    `now(done)` says whether the run stops after `done` completed steps; with several processes the ranks
-    agree first (an all-reduce of the flag on the training device, once per step), so all stop at the same
-    step and write the same checkpoint. `stopped_at` is that step (None: not stopped).
-    """
-
-    def __init__(self, device: torch.device | None = None):
-        self.device = device or torch.device("cpu")
-        self.signalled, self.stopped_at = False, None
-        self._answers, self._previous = {}, None
-
-    def _handler(self, signum, frame):
-        self.signalled = True
-
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handler)
-
-    def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
-
-    def now(self, done: int) -> bool:
-        if done not in self._answers:
-            flag = self.signalled
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                tensor = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
-                dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-                flag = bool(tensor.item())
-            self._answers = {done: flag}
-            if flag:
-                self.stopped_at = done
-        return self._answers[done]
-
-    def message(self, output_dir: str | None, checkpoint: str | None) -> str:
-        where = (f"checkpoint {checkpoint} written; run the same command again to resume" if checkpoint
-                 else "no output directory, nothing saved")
-        return f"stopped by SIGTERM after step {self.stopped_at}: {where}"
-
-
-class NonFiniteSteps:
-    """One rule for every trainer: a step whose loss or gradient norm is not finite is skipped (no optimiser or
-    EMA update; the step function decides with `finite`), and train.max_nonfinite such steps in a row stop the
-    run with NonFiniteLossError naming the last good checkpoint."""
-
-    def __init__(self, max_in_a_row: int, output_dir: str | None = None, latest=latest_checkpoint):
-        self.max_in_a_row, self.output_dir, self._latest = max_in_a_row, output_dir, latest
-        self.in_a_row = 0
-
-    def update(self, finite: bool, done: int, loss: float, grad_norm: float) -> None:
-        self.in_a_row = 0 if finite else self.in_a_row + 1
-        if self.in_a_row < self.max_in_a_row:
-            return
-        last = self._latest(self.output_dir) if self.output_dir else None
-        resume = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        raise NonFiniteLossError(
-            f"loss or gradient not finite for {self.in_a_row} steps in a row (last: step {done}, loss {loss}, "
-            f"grad norm {grad_norm}; those steps were skipped, train.max_nonfinite={self.max_in_a_row}); {resume}. "
-            "Lower optim.base_lr, check the data, or use train.precision=fp32 (a changed config needs a new "
-            "--output-dir)")
-
-
-def finite(*values: torch.Tensor) -> bool:
-    """Whether every value (a loss, a gradient norm) is finite: one host sync."""
-    return bool(torch.stack([v.detach().float().reshape(()) for v in values]).isfinite().all())
-
-
-def checkpoint_bytes(*modules: torch.nn.Module, optimizer_copies: int = 2) -> int:
-    """About the size of a training checkpoint: the modules' weights and buffers, plus AdamW's two moments of every
-    trainable weight of the first module (the student). DTensor parameters count their full size."""
-    def nbytes(tensors):
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    total = sum(nbytes(m.state_dict().values()) for m in modules)
-    return total + optimizer_copies * sum(p.numel() * 4 for p in modules[0].parameters() if p.requires_grad)
-
-
-def warn_low_disk(run_dir: RunDir, checkpoint_size: int, keep_last: int) -> None:
-    """Before the first write (main process): warn when the disk holds fewer than keep_last + 1 checkpoints."""
-    if run_dir.path and run_dir.is_main:
-        warn_if_low_space(run_dir.path, checkpoint_size, keep_last)
