@@ -122,10 +122,12 @@ def sharded_knn_accuracy(backbone, knn_data, k: int, batch_size: int = 256) -> f
     backbone.eval()
     for dataset in knn_data:
         rows, labels = [], []
-        for images, batch_labels in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-            device = next(backbone.parameters()).device
-            rows.append(backbone.forward_features(images.to(device))["x_norm_clstoken"].float().cpu())
-            labels.append(torch.as_tensor(batch_labels))
+        device = next(backbone.parameters()).device
+        for first in range(0, len(dataset), batch_size):  # in this process: no DataLoader workers to configure
+            items = [dataset[i] for i in range(first, min(first + batch_size, len(dataset)))]
+            images = torch.stack([image for image, _ in items]).to(device)
+            rows.append(backbone.forward_features(images)["x_norm_clstoken"].float().cpu())
+            labels.append(torch.as_tensor([label for _, label in items]))
         features.append((torch.cat(rows), torch.cat(labels).long()))
     backbone.train(was_training)
     _reshard(backbone)

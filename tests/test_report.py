@@ -53,6 +53,11 @@ def test_distillation_and_scale_runs_and_what_is_missing(distill_run, scale_run,
     assert main([str(run), "--output", str(tmp_path / "d.html")]) == 0
     page = _page(tmp_path / "d.html")
     assert "A distillation run" in page and "student &#x27;student&#x27;" in page and "weighted kNN top-1" in page
+    assert "the first images of textures:n=64,size=32" in page and "Not shown: retrievals" not in page  # data.txt
+    no_spec = tmp_path / "no_spec"
+    shutil.copytree(run, no_spec, ignore=shutil.ignore_patterns("data.txt"))  # a run trained on a dataset object
+    assert main([str(no_spec), "--output", str(tmp_path / "n.html")]) == 0
+    page = _page(tmp_path / "n.html")
     assert "Not shown: retrievals need a pool of the run&#x27;s images: pass --data SPEC." in page
     assert "photographs bundled with scikit-image" in page
     only_dcp = tmp_path / "g14"
@@ -60,7 +65,7 @@ def test_distillation_and_scale_runs_and_what_is_missing(distill_run, scale_run,
     assert main([str(only_dcp)]) == 0
     page = _page(only_dcp / "report.html")
     assert "A scale run" in page and "total loss per logged step" in page and "dist:" in page
-    assert "Not shown: no kNN accuracy in metrics.jsonl" in page
+    assert "weighted kNN top-1" in page and "collapse monitors" in page  # scale/ logs both now
     assert "no backbone to look at" in page and "python -m scale.export" in page
 
 
