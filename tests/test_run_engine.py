@@ -49,11 +49,13 @@ def test_distillation_removes_the_temp_files_of_killed_saves(tmp_path, capsys):
 
 
 class _RecordingLoader(torch.utils.data.DataLoader):
-    """A DataLoader that records the worker_init_fn of every loader a training loop builds."""
+    """A DataLoader that records the worker_init_fn of every training loader a loop builds (one item = one collated
+    step, batch_size=None; the kNN's feature loaders are not training loaders)."""
     built = []
 
     def __init__(self, *args, **kwargs):
-        _RecordingLoader.built.append(kwargs.get("worker_init_fn"))
+        if "batch_size" in kwargs and kwargs["batch_size"] is None:
+            _RecordingLoader.built.append(kwargs.get("worker_init_fn"))
         super().__init__(*args, **kwargs)
 
 
