@@ -19,7 +19,6 @@ Output: checkpoints of all students (exact resume), config.yaml, metrics.jsonl a
 <output-dir>/<student name>/backbone_official.pth (the EMA backbone; main student: "student").
 """
 import contextlib
-import math
 import os
 
 import torch

@@ -109,7 +109,7 @@ def checkpoint_bytes(*modules: torch.nn.Module, optimizer_copies: int = 2) -> in
     return total + optimizer_copies * sum(p.numel() * 4 for p in modules[0].parameters() if p.requires_grad)
 
 
-def warn_low_disk(run_dir: "RunDir", checkpoint_size: int, keep_last: int) -> None:
+def warn_low_disk(run_dir, checkpoint_size: int, keep_last: int) -> None:
     """Before the first write (main process): warn when the disk holds fewer than keep_last + 1 checkpoints."""
     if run_dir.path and run_dir.is_main:
         warn_if_low_space(run_dir.path, checkpoint_size, keep_last)

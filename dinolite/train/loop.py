@@ -11,7 +11,6 @@ continues bitwise like an uninterrupted one (on CPU; CUDA kernels may be non-det
 """
 import contextlib
 import copy
-import math
 import warnings
 
 import torch

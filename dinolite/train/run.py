@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 import warnings
 
@@ -412,7 +413,7 @@ class Cadence:
     """When, after `done` completed steps, to log, evaluate kNN and checkpoint (train.*_every; the last step of
     the run segment always logs and checkpoints; its kNN is the final one, after the loop)."""
 
-    def __init__(self, t: TrainConfig, end_step: int, stop: "Preemption | None" = None):
+    def __init__(self, t: TrainConfig, end_step: int, stop=None):
         self.t, self.end_step, self.stop = t, end_step, stop
 
     def log(self, done: int) -> bool:
@@ -451,7 +452,7 @@ class Steps:
     """
 
     def __init__(self, loader, start_step: int, end_step: int, progress: bool, desc: str = "training",
-                 stop: "Preemption | None" = None):
+                 stop=None):
         self.loader, self.start_step, self.end_step, self.stop = loader, start_step, end_step, stop
         self.completed = start_step
         self.bar = None
