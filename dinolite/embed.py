@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_for_eval(args):
+    """(backbone, image size, eval transform) from the shared --checkpoint/--config/--student/--image-size flags."""
+    backbone = load_backbone(args.checkpoint, args.config, args.student)
+    size = args.image_size or backbone.image_size
+    if size % backbone.model.patch_size:
+        raise ValueError(f"--image-size {size} is not a multiple of the patch size {backbone.model.patch_size}")
+    return backbone, size, eval_transform(size, backbone.hub_name is not None)
+
+
 def embed(args) -> tuple[str, str, tuple]:
     """The command behind the parser; returns (embeddings path, paths file, shape)."""
     output = os.path.expanduser(args.output)
@@ -82,11 +91,8 @@ def embed(args) -> tuple[str, str, tuple]:
         raise ValueError(f"the folder of --output ({os.path.dirname(args.output)}) does not exist; create it first")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    backbone = load_backbone(args.checkpoint, args.config, args.student)
-    size = args.image_size or backbone.image_size
-    if size % backbone.model.patch_size:
-        raise ValueError(f"--image-size {size} is not a multiple of the patch size {backbone.model.patch_size}")
-    dataset = build_dataset(args.data, transform=eval_transform(size, backbone.hub_name is not None), train=True)
+    backbone, size, transform = load_for_eval(args)
+    dataset = build_dataset(args.data, transform=transform, train=True)
     print(f"embedding {len(dataset)} images of {args.data} at {size} px with {backbone.description}", file=sys.stderr)
     extracted = extract_features(backbone.model.to(device()), dataset, batch_size=args.batch_size)
     features = extracted["cls"]

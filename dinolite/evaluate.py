@@ -21,9 +21,8 @@ import sys
 import torch
 
 from dinolite.data import DATA_SPEC_FORMS, build_dataset
-from dinolite.embed import add_backbone_arguments, device, eval_transform
+from dinolite.embed import add_backbone_arguments, device, load_for_eval
 from dinolite.eval import extract_features, knn_classify, linear_probe
-from dinolite.loading import load_backbone
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,11 +82,7 @@ def evaluate(args) -> dict:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     if args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
-    backbone = load_backbone(args.checkpoint, args.config, args.student)
-    size = args.image_size or backbone.image_size
-    if size % backbone.model.patch_size:
-        raise ValueError(f"--image-size {size} is not a multiple of the patch size {backbone.model.patch_size}")
-    transform = eval_transform(size, backbone.hub_name is not None)
+    backbone, size, transform = load_for_eval(args)
     train_set = build_dataset(args.train, transform=transform, train=True)
     val_set = build_dataset(args.val, transform=transform, train=False)
 
