@@ -6,13 +6,14 @@
 Everything after `--` is passed to scale/train.py unchanged. SLURM starts nodes x gpus-per-node tasks; each task
 learns its rank from submitit's JobEnvironment and joins one NCCL process group (the environment torchrun would
 set: MASTER_ADDR = first node, MASTER_PORT from the job id, RANK, LOCAL_RANK, WORLD_SIZE). When SLURM preempts
-the job or its time limit nears, submitit calls Trainer.checkpoint, which requeues the same command: the new job
-resumes from the newest checkpoint in --output-dir (scale/train.py always does), so keep train.checkpoint_every
-well below the time limit. --dry-run prints the job and the environment of every task without submitting.
+the job or its time limit nears, the run finishes its step, writes a checkpoint and stops; then submitit calls
+Trainer.checkpoint, which requeues the same command: the new job resumes from the newest checkpoint in
+--output-dir (scale/train.py always does). --dry-run prints the job and the environment of every task without submitting.
 """
 import argparse
 import os
 import re
+import signal
 import sys
 
 if __package__ in (None, ""):  # run as a file: make the repository importable
@@ -127,11 +128,20 @@ class Trainer:
     def __call__(self) -> int:
         import submitit
 
+        from dinolite.train.faults import PREEMPTED_EXIT_CODE
+
         job = submitit.JobEnvironment()
         os.environ.update(distributed_env(job.global_rank, job.local_rank, job.num_tasks, job.num_nodes,
                                           job.hostnames[0], job.job_id))
         from scale.train import main
-        code = main(self.train_args)
+        # submitit's time-limit signal (SLURM sends it --signal-delay-s before the limit) would requeue the job
+        # in the middle of a step, losing the steps since the last checkpoint; the run catches it as it does
+        # SIGTERM (finish the step, checkpoint, return PREEMPTED_EXIT_CODE) and hands it back to submitit after.
+        requeue_signal = getattr(signal, "SIG" + getattr(job, "USR_SIG", "USR2"))  # SUBMITIT_PREEMPT_SIGNAL
+        code = main(self.train_args, stop_signals=(signal.SIGTERM, requeue_signal))
+        if code == PREEMPTED_EXIT_CODE and signal.getsignal(requeue_signal) not in (signal.SIG_DFL, signal.SIG_IGN,
+                                                                                      None):
+            signal.raise_signal(requeue_signal)  # submitit's handler: rank 0 requeues the job (checkpoint()), exits
         if code:
             raise SystemExit(code)
         return code

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
 import warnings
 
@@ -219,7 +220,7 @@ def _start_stage(arch, optimizer, continue_from, init_from, total_steps: int, lo
 
 def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, stop_at_step: int | None = None,
           progress: bool | None = None, log=print, continue_from: str | None = None,
-          init_from: str | None = None) -> DINOv2MetaArch:
+          init_from: str | None = None, stop_signals: tuple = (signal.SIGTERM,)) -> DINOv2MetaArch:
     """Train on every rank of the initialised process group (init_distributed) and return the sharded arch.
 
     Args mirror dinolite.train.train: data is a --data spec or a dataset; output_dir holds config.yaml,
@@ -228,6 +229,7 @@ def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, st
     continue_from / init_from ("RUN[@STEP]" of a scale/ run, any process count), when output_dir holds no checkpoint:
     start this (new) config from that run's weights, AdamW state and step, or from its teacher's weights only at
     step 0 with a fresh AdamW (scale.checkpoint.load_stage_start), e.g. the DINOv3 Gram and high-resolution stages.
+    stop_signals: the signals that end the run at a step boundary with a checkpoint (faults.Preemption).
     The returned arch has `history` (the logged records, every rank) and `completed_steps`, `total_steps`.
     """
     t = cfg.train
@@ -271,7 +273,7 @@ def train(cfg: Config, dcfg: DistConfig, data, output_dir: str | None = None, st
     if t.precision == "auto" and is_main:
         log(describe_precision(t.precision, device, cfg))
     autocast = make_autocast(device, precision)
-    stop = Preemption(device)  # SIGTERM: the ranks agree on the step (a flag all-reduced on `device`)
+    stop = Preemption(device, stop_signals)  # the ranks agree on the step (the signal all-reduced on `device`)
     metrics, cadence = MetricsLog(run_dir, t.tensorboard, t.wandb), Cadence(t, end_step, stop)
     nonfinite = NonFiniteSteps(t.max_nonfinite, output_dir, ckpt.latest_checkpoint)
     warn_low_disk(run_dir, checkpoint_bytes(arch.student, arch.teacher), t.keep_last)
@@ -361,7 +363,8 @@ def unhonoured_keys(cfg: Config) -> list[str]:
     return [f"{key}={changed[key][1]}" for key in UNHONOURED if key in changed]
 
 
-def main(argv=None) -> int:
+def main(argv=None, stop_signals: tuple = (signal.SIGTERM,)) -> int:
+    """The command line; stop_signals as in train (scale/launch_slurm.py adds submitit's time-limit signal)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.print_config and not (args.data and args.output_dir):
@@ -390,7 +393,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, cfg.train.threads or torch.get_num_threads()))
     try:
         arch = train(cfg, dcfg, args.data, args.output_dir, stop_at_step=args.stop_at_step,
-                     continue_from=args.continue_from, init_from=args.init_from)
+                     continue_from=args.continue_from, init_from=args.init_from, stop_signals=stop_signals)
     except (DataError, OutputDirError, CheckpointError) as e:
         if is_main:
             print(f"error: {e}", file=sys.stderr)

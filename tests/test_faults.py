@@ -430,3 +430,21 @@ def test_scale_faults_nan_sigterm_and_full_disk():
     assert [rec["loss"] is None for rec in ranks[0]["nan_records"] if "loss" in rec] == [False, True, True]
     whole, resumed = ranks[0]["whole"], ranks[0]["resumed"]
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_preemption_stops_on_each_of_its_signals_and_names_it():
+    import signal as signals
+
+    from dinolite.train.faults import Preemption
+
+    before = signals.getsignal(signals.SIGUSR2)
+    stop = Preemption(signals=(signals.SIGTERM, signals.SIGUSR2))
+    stop.install()
+    try:
+        assert not stop.now(3)
+        signals.raise_signal(signals.SIGUSR2)  # submitit's time-limit signal, under scale/launch_slurm.py
+        assert stop.now(4) and stop.stopped_at == 4
+    finally:
+        stop.uninstall()
+    assert signals.getsignal(signals.SIGUSR2) is before  # the previous handler is back
+    assert stop.message("runs/x", "runs/x/checkpoint_4.pth").startswith("stopped by SIGUSR2 after step 4")

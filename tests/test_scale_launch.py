@@ -2,6 +2,7 @@
 requeueing, and a real 2-task run through submitit's LocalExecutor (which also resumes a preempted run)."""
 import json
 import os
+import signal
 
 import pytest
 
@@ -73,3 +74,36 @@ def test_local_executor_runs_two_tasks_and_a_requeued_job_resumes(tmp_path):
                                            "teacher_backbone_official.pth"]
     logs = "".join(open(p).read() for p in (tmp_path / "logs").glob("*_0_log.out"))
     assert "resuming from step 1" in logs and "done: 2/2 steps on 2 processes" in logs
+
+
+def test_a_run_stopped_by_the_time_limit_signal_hands_it_back_to_submitit(monkeypatch):
+    # The run catches submitit's requeue signal like SIGTERM (finish the step, checkpoint, exit 143), then
+    # raises it again for submitit's own handler, which requeues the job on rank 0.
+    submitit = pytest.importorskip("submitit")
+    import scale.train
+
+    class Job:
+        global_rank, local_rank, num_tasks, num_nodes, hostnames, job_id, USR_SIG = 0, 0, 1, 1, ["node0"], "42", "USR2"
+
+    got = {}
+
+    def fake_main(argv, stop_signals):
+        got["stop_signals"] = stop_signals
+        return got["code"]
+
+    monkeypatch.setattr(submitit, "JobEnvironment", Job)
+    monkeypatch.setattr(scale.train, "main", fake_main)
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.setenv(var, "")  # restored after the test: Trainer sets them
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: got.setdefault("requeued", signum))  # submitit's
+    try:
+        got["code"] = 143
+        with pytest.raises(SystemExit) as stopped:
+            Trainer(TRAIN)()
+        assert stopped.value.code == 143 and got["requeued"] == signal.SIGUSR2
+        assert set(got["stop_signals"]) == {signal.SIGTERM, signal.SIGUSR2}
+        del got["requeued"]
+        got["code"] = 0
+        assert Trainer(TRAIN)() == 0 and "requeued" not in got  # a finished run is not requeued
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

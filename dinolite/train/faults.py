@@ -32,44 +32,47 @@ class Preemption:
     """SIGTERM (SLURM's warning before it kills a job; submitit then requeues it): finish the step, checkpoint, stop.
 
     Steps installs the handler while its loop runs (main thread only) and restores the previous one after.
+    `signals` are the signals that stop the run (default SIGTERM; scale/launch_slurm.py adds submitit's
+    time-limit signal, SIGUSR2, so that the run saves at a step boundary before submitit requeues it).
     `now(done)` says whether the run stops after `done` completed steps; with several processes the ranks
     agree first (an all-reduce of the flag on the training device, once per step), so all stop at the same
     step and write the same checkpoint. `stopped_at` is that step (None: not stopped).
     """
 
-    def __init__(self, device: torch.device | None = None):
+    def __init__(self, device: torch.device | None = None, signals: tuple = (signal.SIGTERM,)):
         self.device = device or torch.device("cpu")
-        self.signalled, self.stopped_at = False, None
-        self._answers, self._previous = {}, None
+        self.signals = tuple(signals)
+        self.signalled, self.stopped_at = None, None  # signalled: the name of the signal that arrived
+        self._answers, self._previous = {}, {}
 
     def _handler(self, signum, frame):
-        self.signalled = True
+        self.signalled = signal.Signals(signum).name
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handler)
+            self._previous = {sig: signal.signal(sig, self._handler) for sig in self.signals}
 
     def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
     def now(self, done: int) -> bool:
         if done not in self._answers:
-            flag = self.signalled
-            if distributed.get_world_size() > 1:
-                tensor = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
+            number = int(signal.Signals[self.signalled]) if self.signalled else 0
+            if distributed.get_world_size() > 1:  # every rank learns the signal one of them got
+                tensor = torch.tensor([number], dtype=torch.int32, device=self.device)
                 distributed.all_reduce_(tensor, op=torch.distributed.ReduceOp.MAX)
-                flag = bool(tensor.item())
-            self._answers = {done: flag}
-            if flag:
-                self.stopped_at = done
+                number = int(tensor.item())
+            self._answers = {done: number > 0}
+            if number:
+                self.stopped_at, self.signalled = done, signal.Signals(number).name
         return self._answers[done]
 
     def message(self, output_dir: str | None, checkpoint: str | None) -> str:
         where = (f"checkpoint {checkpoint} written; run the same command again to resume" if checkpoint
                  else "no output directory, nothing saved")
-        return f"stopped by SIGTERM after step {self.stopped_at}: {where}"
+        return f"stopped by {self.signalled} after step {self.stopped_at}: {where}"
 
 
 class NonFiniteSteps:
