@@ -412,10 +412,12 @@ def plot_pca(images, rgb, ncols: int | None = None, size: float = 2.0, titles=No
 
 
 @_in_book_style
-def plot_attention_maps(image, maps: torch.Tensor, size: float = 2.0, alpha: float = 0.6, title: str | None = None):
+def plot_attention_maps(image, maps: torch.Tensor, size: float = 2.0, alpha: float = 0.6, title: str | None = None,
+                        vmax: float | None = None):
     """One image and its per-head [CLS] attention maps [heads, h, w], upsampled over it -> Figure.
 
-    All heads share one colour scale (0 to the largest weight), shown by a colour bar.
+    All heads share one colour scale, 0 to `vmax` (default: the largest weight), shown by a colour bar; give
+    two figures the same vmax to compare two networks' maps by eye.
     """
     picture = to_display(image)
     heads = maps.shape[0]
@@ -424,7 +426,7 @@ def plot_attention_maps(image, maps: torch.Tensor, size: float = 2.0, alpha: flo
     axes[0].imshow(picture)
     axes[0].set_title("image")
     upsampled = upsample_maps(maps, picture.shape[:2])
-    top = float(upsampled.max())
+    top = float(upsampled.max()) if vmax is None else vmax
     for head in range(heads):
         ax = axes[head + 1]
         ax.imshow(picture)

@@ -138,6 +138,11 @@ def test_plot_helpers_return_figures():
     assert len(fig2.axes) == 8
     fig3 = plot_attention_maps(images[0], torch.rand(3, 4, 4))
     assert len(fig3.axes) == 5  # image, 3 heads, one colour bar for the shared scale
+    weak = torch.full((3, 4, 4), 1 / 16)  # uniform attention, drawn on its own scale and on a shared one
+    own, shared = plot_attention_maps(images[0], weak), plot_attention_maps(images[0], weak, vmax=0.5)
+    assert own.axes[1].images[1].get_clim() == pytest.approx((0, 1 / 16))
+    assert shared.axes[1].images[1].get_clim() == (0, 0.5) and shared.axes[-1].get_ylim() == (0, 0.5)
+    plt.close(own), plt.close(shared)
     fig4 = plot_norm_histograms({"a": torch.rand(100), "b": torch.rand(100) + 1})
     assert len(fig4.axes) == 2 and "high-norm" in fig4.axes[0].get_title()
     dataset = [(image, label) for image, label in zip(images, [0, 0, 1, 1])]  # items of a labelled dataset
