@@ -1,9 +1,10 @@
 """Ablation on real photos: from dinolite's tiny-cpu recipe towards Lightly's plain DINO, one change at a time.
 
-    python benchmarks/prepare_photos.py                                   # once: Imagenette at 32 and 64 px
-    nice -n 19 python benchmarks/ablate_photos.py --steps 1000 --seeds 0 1 2 --jobs 2
-    python benchmarks/ablate_photos.py --table                            # markdown table of what is finished
-    python benchmarks/ablate_photos.py --list                             # the rows and their overrides
+    python benchmarks/prepare_photos.py                 # once: Imagenette at 32 and 64 px under ~/data/photos
+    nice -n 19 python benchmarks/ablate_photos.py --steps 5016 --curve-every 627 --rows small-photos lightly
+    python benchmarks/ablate_photos.py --pixels         # the raw-pixel kNN baseline of --data
+    python benchmarks/ablate_photos.py --table          # markdown table of what is finished
+    python benchmarks/ablate_photos.py --list           # the rows and their overrides
 
 Every row trains the same backbone (dinolite's ViT, width 96, 3 blocks, 3 heads, patch 8; Lightly's row a
 timm ViT of that shape) on the same crops (2 x 32 + 2 x 16) and batch (32) for the same number of steps
@@ -12,6 +13,8 @@ measures the teacher's weighted kNN (k 20, T 0.07, [CLS]) with the training spli
 the held-out split as queries, at initialisation and at the end (benchmarks/vs_lightly.py does both: the
 sides, the data and the kNN are its own). A row is tiny-cpu plus the overrides listed in ROWS, or
 another recipe, or Lightly 1.6's DINO as vs_lightly.py runs it.
+
+Each dinolite run also saves its trained teacher backbone (fp16) to teachers/ beside --out.
 
 Resumable: each finished (row, seed, steps, data) is one line of --out (JSONL, appended as it finishes); a
 rerun skips those. Runs go one process each, at most --jobs at once, in seed-major order (all rows of seed
@@ -27,8 +30,8 @@ import time
 import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_DATA = "folder:/work/data/photos/imagenette32"
-DEFAULT_OUT = "/work/data/photos/ablation.jsonl"
+DEFAULT_DATA = "folder:~/data/photos/imagenette32"  # benchmarks/prepare_photos.py's default output
+DEFAULT_OUT = "~/data/photos/ablation.jsonl"
 
 # Lightly 1.6's DINO as vs_lightly.py runs it: AdamW at a constant 5e-4, weight decay 0.04, no warm-up,
 # teacher momentum 0.996 -> 1 (cosine), DINO loss on the [CLS] only with the softmax centre (momentum 0.9),
@@ -42,13 +45,29 @@ K4096 = ["head.dino_out_dim=4096", "head.ibot_out_dim=4096"]
 # name: (side, recipe, overrides of the recipe, what changes). The first rows are the most informative.
 ROWS = {
     "tiny-cpu": ("dinolite", "tiny-cpu", [], "tiny-cpu as it is (baseline)"),
-    "small-photos": ("dinolite", "small-photos", [], "the small-photos recipe (lr 0.01, momentum 0.996, KoLeo 0.5)"),
+    "small-photos": ("dinolite", "small-photos", [], "the small-photos recipe (tiny-cpu with base lr 0.003)"),
+    "small-photos-v1": ("dinolite", "tiny-cpu", ["optim.base_lr=0.01", "optim.momentum_teacher=0.996",
+                                                 "loss.koleo_weight=0.5"],
+                        "small-photos before issue 21 (lr 0.01, momentum 0.996, KoLeo 0.5)"),
+    "broken-lr30": ("dinolite", "tiny-cpu", ["optim.base_lr=0.09"],
+                    "deliberately broken: small-photos with 30 x its lr (base 0.09)"),
     "lightly": ("Lightly", "tiny-cpu", [], "Lightly 1.6 DINO (timm ViT, K 4096, lr 5e-4 constant)"),
     "k4096": ("dinolite", "tiny-cpu", K4096, "K 4096 prototypes (tiny-cpu: 128)"),
     "temp0.04": ("dinolite", "tiny-cpu", LIGHTLY_TEMP, "teacher temperature 0.04 (tiny-cpu: 0.02; Lightly: 0.04)"),
     "softmax-centre": ("dinolite", "tiny-cpu", ["loss.centering=softmax_center"],
                        "softmax centring (momentum 0.9) instead of Sinkhorn-Knopp"),
     "lr0.01": ("dinolite", "tiny-cpu", ["optim.base_lr=0.01"], "base lr 0.01 (peak 1.8e-3; tiny-cpu 0.03: 5.3e-3)"),
+    "lr0.003": ("dinolite", "tiny-cpu", ["optim.base_lr=0.003"], "base lr 0.003 (peak 5.3e-4, about Lightly's 5e-4)"),
+    "lr0.003-k4096": ("dinolite", "tiny-cpu", ["optim.base_lr=0.003"] + K4096, "base lr 0.003 and K 4096"),
+    "lr0.001": ("dinolite", "tiny-cpu", ["optim.base_lr=0.001"], "base lr 0.001 (peak 1.8e-4)"),
+    "lr0.003-m0.996": ("dinolite", "tiny-cpu", ["optim.base_lr=0.003", "optim.momentum_teacher=0.996",
+                                                "optim.final_momentum_teacher=1.0"],
+                       "base lr 0.003 and teacher momentum 0.996 -> 1"),
+    "lr0.003-t0.04-0.07": ("dinolite", "tiny-cpu", ["optim.base_lr=0.003", "loss.teacher_temp=0.07",
+                                                    "loss.warmup_teacher_temp=0.04", "loss.warmup_teacher_temp_epochs=3"],
+                           "base lr 0.003 and teacher temperature 0.04 -> 0.07"),
+    "lr0.003-wd-constant": ("dinolite", "tiny-cpu", ["optim.base_lr=0.003", "optim.weight_decay_end=0.04"],
+                            "base lr 0.003 and weight decay 0.04 constant"),
     "lr0.005": ("dinolite", "tiny-cpu", ["optim.base_lr=0.005"], "base lr 0.005 (peak 8.8e-4)"),
     "lr-lightly": ("dinolite", "tiny-cpu", LIGHTLY_LR, "lr constant 5e-4, no warm-up, as Lightly"),
     "temp0.04-0.07": ("dinolite", "tiny-cpu", ["loss.teacher_temp=0.07", "loss.warmup_teacher_temp=0.04",
@@ -78,15 +97,15 @@ ROWS = {
 }
 
 
-def run_args(row: str, seed: int, steps: int, data: str):
+def run_args(row: str, seed: int, steps: int, data: str, curve_every: int = 0):
     """The vs_lightly.py argument namespace of one run."""
     side, recipe, overrides, _ = ROWS[row]
     return types.SimpleNamespace(size="tiny-cpu", recipe=recipe, objective="dinov2", set=list(overrides), batch=0,
                                  lightly_k=4096, workers=0, seed=seed, steps=steps, budget=0.0, data=data,
-                                 knn=None, progress=True)
+                                 knn=None, progress=True, curve_every=curve_every)
 
 
-def run_one(row: str, seed: int, steps: int, data: str, out: str):
+def run_one(row: str, seed: int, steps: int, data: str, out: str, curve_every: int = 0):
     """Train and measure one (row, seed) in this process (one thread) and append its result line to `out`."""
     import torch
 
@@ -94,7 +113,10 @@ def run_one(row: str, seed: int, steps: int, data: str, out: str):
     import vs_lightly
 
     torch.set_num_threads(1)
-    args = run_args(row, seed, steps, data)
+    args = run_args(row, seed, steps, data, curve_every)
+    teachers = os.path.join(os.path.dirname(os.path.abspath(out)), "teachers")  # dinolite rows' trained teachers
+    os.makedirs(teachers, exist_ok=True)
+    args.save = os.path.join(teachers, f"{set_name(data)}_{row}_seed{seed}_{steps}.pth")
     cfg = vs_lightly.dinolite_config(args)
     images, knn_sets = vs_lightly.prepare_data(args, cfg.crops.global_size)
     tic = time.time()
@@ -103,11 +125,32 @@ def run_one(row: str, seed: int, steps: int, data: str, out: str):
     line = dict(row=row, seed=seed, steps=steps, data=data, side=ROWS[row][0], recipe=ROWS[row][1],
                 overrides=ROWS[row][2], knn_init=before, knn_end=after, gain=after - before,
                 s_per_step=statistics.median(r["times"][1:]), cpu_s_per_step=statistics.median(r["cpu_times"][1:]),
+                curve=[[s, k[data]] for s, k in r["curve"]],
                 wall_s=time.time() - tic, torch=torch.__version__, finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     with open(out, "a") as f:  # one short write per line: appends from concurrent runs do not interleave
         f.write(json.dumps(line) + "\n")
     print(f"{row} seed {seed}: kNN {before:.2f} -> {after:.2f} ({after - before:+.2f}), "
           f"{line['s_per_step']:.3f} s/step", flush=True)
+
+
+def pixels_line(data: str) -> dict:
+    """The raw-pixel baseline of `data`: the same weighted kNN on the 32 x 32 x 3 pixel vectors."""
+    import torch
+
+    sys.path.insert(0, HERE)
+    import vs_lightly
+
+    torch.set_num_threads(1)
+    sets = {data: vs_lightly.labelled_set(data, 32)}
+    knn = vs_lightly.knn_top1(lambda images: images.flatten(1), sets)[data]
+    train_labels = sets[data][1]
+    return dict(row="pixels", data=data, knn_end=knn, classes=int(train_labels.max()) + 1,
+                train_images=len(sets[data][0]), held_out_images=len(sets[data][2]))
+
+
+def set_name(data: str) -> str:
+    """folder:/any/where/imagenette32 -> imagenette32: results recorded on one machine read on another."""
+    return os.path.basename(os.path.normpath(os.path.expanduser(data.split(":", 1)[-1])))
 
 
 def load_results(out: str) -> list:
@@ -121,8 +164,13 @@ def table(out: str, steps: int | None, data: str) -> str:
     """Markdown table: one line per row with results, in ROWS order: means over seeds, the gain's spread, and the
     median CPU seconds per step of the run's process (data loading included; steadier than the wall clock on a
     shared machine)."""
-    results = [r for r in load_results(out) if r["data"] == data and (steps is None or r["steps"] == steps)]
-    lines = ["| change | kNN init | kNN end | gain | gain spread (std; min..max) | seeds | steps | CPU s/step |",
+    everything = [r for r in load_results(out) if set_name(r["data"]) == set_name(data)]
+    results = [r for r in everything if r["row"] != "pixels" and (steps is None or r["steps"] == steps)]
+    lines = []
+    pixels = [r for r in everything if r["row"] == "pixels"]
+    if pixels:
+        lines += [f"Raw pixels: kNN {pixels[-1]['knn_end']:.2f}; chance {100 / pixels[-1]['classes']:.0f}%.", ""]
+    lines += ["| change | kNN init | kNN end | gain | gain spread (std; min..max) | seeds | steps | CPU s/step |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row, (_, _, _, what) in ROWS.items():
         for n_steps in sorted({r["steps"] for r in results if r["row"] == row}):
@@ -145,10 +193,14 @@ def main():
     p.add_argument("--out", default=DEFAULT_OUT, help="results JSONL (appended; finished runs are skipped)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     p.add_argument("--logs", default="", help="folder for each run's log (default: next to --out)")
+    p.add_argument("--curve-every", type=int, default=0,
+                   help="also measure the kNN every this many steps (not timed; stored as the line's curve)")
+    p.add_argument("--pixels", action="store_true", help="append the raw-pixel kNN baseline of --data to --out")
     p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     p.add_argument("--list", action="store_true", help="print the rows and exit")
     p.add_argument("--one", nargs=2, metavar=("ROW", "SEED"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.out = os.path.expanduser(args.out)
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
@@ -159,9 +211,13 @@ def main():
     if args.table:
         print(table(args.out, args.steps, args.data))
         return
+    if args.pixels:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(pixels_line(args.data)) + "\n")
+        return
     args.steps = args.steps or 1000
     if args.one:
-        run_one(args.one[0], int(args.one[1]), args.steps, args.data, args.out)
+        run_one(args.one[0], int(args.one[1]), args.steps, args.data, args.out, args.curve_every)
         return
     path = args.data[len("folder:"):] if args.data.startswith("folder:") else args.data
     if not os.path.isdir(os.path.expanduser(path)):
@@ -169,7 +225,7 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     logs = args.logs or os.path.join(os.path.dirname(os.path.abspath(args.out)), "ablation_logs")
     os.makedirs(logs, exist_ok=True)
-    done = {(r["row"], r["seed"], r["steps"], r["data"]) for r in load_results(args.out)}
+    done = {(r["row"], r["seed"], r["steps"], r["data"]) for r in load_results(args.out) if r["row"] != "pixels"}
     todo = [(row, seed) for seed in args.seeds for row in args.rows if (row, seed, args.steps, args.data) not in done]
     print(f"{len(todo)} runs to do ({len(done)} results in {args.out}), {args.jobs} at once, {args.steps} steps each",
           flush=True)
@@ -180,7 +236,7 @@ def main():
             data_name = os.path.basename(os.path.normpath(args.data.split(":", 1)[-1]))
             log = open(os.path.join(logs, f"{data_name}_{row}_seed{seed}_{args.steps}.log"), "w")
             cmd = [sys.executable, os.path.abspath(__file__), "--one", row, str(seed), "--steps", str(args.steps),
-                   "--data", args.data, "--out", args.out]
+                   "--data", args.data, "--out", args.out, "--curve-every", str(args.curve_every)]
             env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), row, seed, log,
                             time.time()))

@@ -1,8 +1,8 @@
 """Build the photo development set: Imagenette resized to small square images, one folder per class.
 
-    python benchmarks/prepare_photos.py                               # 32 and 64 px under /work/data/photos
+    python benchmarks/prepare_photos.py                               # 32 and 64 px under ~/data/photos
     python benchmarks/prepare_photos.py --src RAW --out OUT --sizes 32 64 96
-    python benchmarks/prepare_photos.py --src /work/data/imagewoof_raw --name imagewoof   # the second set
+    python benchmarks/prepare_photos.py --src ~/data/imagewoof_raw --name imagewoof     # the second set
 
 Source: Imagenette (fast.ai), a 10-class subset of ImageNet (tench, English springer, cassette player,
 chain saw, church, French horn, garbage truck, gas pump, golf ball, parachute; WordNet ids n01440764 ...).
@@ -47,11 +47,12 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", default="/work/data/imagenette_raw", help="folder with train/ and val/ class folders")
-    p.add_argument("--out", default="/work/data/photos", help="where imagenette<S>/ folders are written")
+    p.add_argument("--src", default="~/data/imagenette_raw", help="folder with train/ and val/ class folders")
+    p.add_argument("--out", default="~/data/photos", help="where imagenette<S>/ folders are written")
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
     p.add_argument("--name", default="imagenette", help="output folder prefix")
     args = p.parse_args()
+    args.src, args.out = os.path.expanduser(args.src), os.path.expanduser(args.out)
     if not all(os.path.isdir(os.path.join(args.src, s)) for s in SPLITS):
         print(f"error: {args.src} has no train/ and val/ folders; give --src the extracted Imagenette "
               "(train/<wnid>/*.JPEG, val/<wnid>/*.JPEG)", file=sys.stderr)

@@ -3,7 +3,7 @@
     pip install -e ".[bench]"                                   # lightly, timm, scikit-learn
     python benchmarks/vs_lightly.py                             # ViT-tiny/4, 2x32 + 4x16 crops, batch 128
     python benchmarks/vs_lightly.py --size tiny-cpu --data digits --budget 300 --objective dinov2
-    python benchmarks/vs_lightly.py --size tiny-cpu --data folder:/work/data/photos/imagenette32 \
+    python benchmarks/vs_lightly.py --size tiny-cpu --data folder:~/data/photos/imagenette32 \
         --steps 1000 --seeds 0 1 2 --objective dinov2 --recipe tiny-cpu --lightly-k 4096
 
 Both sides train the same backbone shape (dinolite's VisionTransformer; a timm VisionTransformer for
@@ -367,20 +367,28 @@ def train_and_measure(side_name: str, args, images, knn_sets: dict, wait=lambda:
     wait()
     times, cpu_times, start, step = [], [], time.perf_counter(), 0
     report_every = max(1, (args.steps or horizon) // 10)
+    curve_every, curve = getattr(args, "curve_every", 0), [(0, before)]
     while (step < args.steps) if args.steps else (time.perf_counter() - start < args.budget):
         tic, cpu_tic = time.perf_counter(), time.process_time()
         side.step(step)
         times.append(time.perf_counter() - tic)
         cpu_times.append(time.process_time() - cpu_tic)  # this process only: not its data worker
         step += 1
+        if curve_every and step % curve_every == 0 and step < (args.steps or horizon):
+            with torch.no_grad():  # outside the timed step; the teacher has no dropout, so training is unchanged
+                curve.append((step, knn_top1(side.features, knn_sets)))
+                print(f"  {side_name}: step {step} kNN " + ", ".join(f"{k} {v:.2f}" for k, v in curve[-1][1].items()),
+                      flush=True)
         if step % report_every == 0 and getattr(args, "progress", True):
             print(f"  {side_name}: step {step}/{args.steps or horizon}, {statistics.median(times[-report_every:]):.3f} s/step",
                   flush=True)
     wait()
     with torch.no_grad():
         after = knn_top1(side.features, knn_sets)
+    if getattr(args, "save", "") and side_name == "dinolite":  # the trained teacher backbone, fp16
+        torch.save({k: v.half() for k, v in side.arch.teacher.backbone.state_dict().items()}, args.save)
     return dict(steps=step, times=times, cpu_times=cpu_times, horizon=horizon, knn_before=before,
-                knn_after=after, precision=getattr(side, "precision", "fp32"))
+                knn_after=after, precision=getattr(side, "precision", "fp32"), curve=curve + [(step, after)])
 
 
 def quartiles(values):
