@@ -164,9 +164,9 @@ def test_below_start_warning_after_two_evaluations_in_a_row_once():
 def test_below_start_warning_with_a_fraction_ignores_a_healthy_dip():
     from dinolite.monitor import BelowStartWarning
 
-    # The effective rank of a healthy small-photos run on textures (first monitor steps, measured): a dip
-    # to 0.73 x the first value, then growth. With fraction 0.5 it is not a warning; a collapse to a few
-    # dimensions is, after two evaluations in a row under 15.19.
+    # The effective rank of a healthy run on textures (first monitor steps, measured with small-photos as it was
+    # before issue 21: base lr 0.01, KoLeo 0.5): a dip to 0.73 x the first value, then growth. With fraction
+    # 0.5 it is not a warning; a collapse to a few dimensions is, after two evaluations in a row under 15.19.
     healthy = [30.38, 26.2, 23.81, 23.76, 23.36, 22.12, 22.24, 22.57, 24.38, 25.33]
     watch = BelowStartWarning("rank", patience=2, fraction=0.5)
     assert not any(watch.update(v, step) for step, v in enumerate(healthy))
