@@ -106,14 +106,22 @@ def run_args(row: str, seed: int, steps: int, data: str, curve_every: int = 0):
                                  knn=None, progress=True, curve_every=curve_every)
 
 
-def run_one(row: str, seed: int, steps: int, data: str, out: str, curve_every: int = 0):
-    """Train and measure one (row, seed) in this process (one thread) and append its result line to `out`."""
+def one_thread_vs_lightly():
+    """benchmarks/vs_lightly.py (the sides, the data and the kNN), with torch on one compute thread."""
     import torch
 
     sys.path.insert(0, HERE)
     import vs_lightly
 
     torch.set_num_threads(1)
+    return vs_lightly
+
+
+def run_one(row: str, seed: int, steps: int, data: str, out: str, curve_every: int = 0):
+    """Train and measure one (row, seed) in this process (one thread) and append its result line to `out`."""
+    import torch
+
+    vs_lightly = one_thread_vs_lightly()
     args = run_args(row, seed, steps, data, curve_every)
     teachers = os.path.join(os.path.dirname(os.path.abspath(out)), "teachers")  # dinolite rows' trained teachers
     os.makedirs(teachers, exist_ok=True)
@@ -136,12 +144,7 @@ def run_one(row: str, seed: int, steps: int, data: str, out: str, curve_every: i
 
 def pixels_line(data: str) -> dict:
     """The raw-pixel baseline of `data`: the same weighted kNN on the 32 x 32 x 3 pixel vectors."""
-    import torch
-
-    sys.path.insert(0, HERE)
-    import vs_lightly
-
-    torch.set_num_threads(1)
+    vs_lightly = one_thread_vs_lightly()
     sets = {data: vs_lightly.labelled_set(data, 32)}
     knn = vs_lightly.knn_top1(lambda images: images.flatten(1), sets)[data]
     train_labels = sets[data][1]

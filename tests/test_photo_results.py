@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from dinolite.monitor import BelowStartWarning
+from dinolite.report import early_warnings
 from dinolite.train import apply_overrides, get_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,10 +39,9 @@ def test_small_photos_is_the_row_the_photo_runs_measured():
 
 
 def replay(curve: list) -> list:
-    """The warnings the training loop's kNN watch (BelowStartWarning, patience 2, fraction 1) gives on a
-    recorded [[step, kNN], ...] curve, evaluated at the curve's cadence."""
-    watch = BelowStartWarning("the teacher's kNN top-1 (%)")
-    return [(step, said) for step, value in curve if (said := watch.update(value, step))]
+    """[(step, message)]: the warnings the training loop's kNN rule gives on a recorded [[step, kNN], ...] curve,
+    evaluated at the curve's cadence (dinolite-report's replay of the loop's BelowStartWarning)."""
+    return [(step, said) for _, step, said in early_warnings([{"step": s, "knn_top1": v} for s, v in curve])]
 
 
 def test_below_start_warning_is_silent_on_the_photo_recipe_and_fires_on_a_broken_run():
