@@ -98,10 +98,10 @@ ROWS = {
 }
 
 
-def run_args(row: str, seed: int, steps: int, data: str, curve_every: int = 0):
+def run_args(row: str, seed: int, steps: int, data: str, curve_every: int = 0, size: str = "tiny-cpu"):
     """The vs_lightly.py argument namespace of one run."""
     side, recipe, overrides, _ = ROWS[row]
-    return types.SimpleNamespace(size="tiny-cpu", recipe=recipe, objective="dinov2", set=list(overrides), batch=0,
+    return types.SimpleNamespace(size=size, recipe=recipe, objective="dinov2", set=list(overrides), batch=0,
                                  lightly_k=4096, workers=0, seed=seed, steps=steps, budget=0.0, data=data,
                                  knn=None, progress=True, curve_every=curve_every)
 
@@ -117,12 +117,12 @@ def one_thread_vs_lightly():
     return vs_lightly
 
 
-def run_one(row: str, seed: int, steps: int, data: str, out: str, curve_every: int = 0):
+def run_one(row: str, seed: int, steps: int, data: str, out: str, curve_every: int = 0, size: str = "tiny-cpu"):
     """Train and measure one (row, seed) in this process (one thread) and append its result line to `out`."""
     import torch
 
     vs_lightly = one_thread_vs_lightly()
-    args = run_args(row, seed, steps, data, curve_every)
+    args = run_args(row, seed, steps, data, curve_every, size)
     teachers = os.path.join(os.path.dirname(os.path.abspath(out)), "teachers")  # dinolite rows' trained teachers
     os.makedirs(teachers, exist_ok=True)
     args.save = os.path.join(teachers, f"{set_name(data)}_{row}_seed{seed}_{steps}.pth")
@@ -131,7 +131,7 @@ def run_one(row: str, seed: int, steps: int, data: str, out: str, curve_every: i
     tic = time.time()
     r = vs_lightly.train_and_measure(ROWS[row][0], args, images, knn_sets)
     before, after = r["knn_before"][data], r["knn_after"][data]
-    line = dict(row=row, seed=seed, steps=steps, data=data, side=ROWS[row][0], recipe=ROWS[row][1],
+    line = dict(row=row, seed=seed, steps=steps, data=data, size=size, side=ROWS[row][0], recipe=ROWS[row][1],
                 overrides=ROWS[row][2], knn_init=before, knn_end=after, gain=after - before,
                 s_per_step=statistics.median(r["times"][1:]), cpu_s_per_step=statistics.median(r["cpu_times"][1:]),
                 curve=[[s, k[data]] for s, k in r["curve"]],
@@ -143,7 +143,8 @@ def run_one(row: str, seed: int, steps: int, data: str, out: str, curve_every: i
 
 
 def pixels_line(data: str) -> dict:
-    """The raw-pixel baseline of `data`: the same weighted kNN on the 32 x 32 x 3 pixel vectors."""
+    """The raw-pixel baseline of `data`: the same weighted kNN on the pixel vectors (S x S x 3 at the
+    folder's own size S)."""
     vs_lightly = one_thread_vs_lightly()
     sets = {data: vs_lightly.labelled_set(data, 32)}
     knn = vs_lightly.knn_top1(lambda images: images.flatten(1), sets)[data]
@@ -199,6 +200,8 @@ def main():
     p.add_argument("--logs", default="", help="folder for each run's log (default: next to --out)")
     p.add_argument("--curve-every", type=int, default=0,
                    help="also measure the kNN every this many steps (not timed; stored as the line's curve)")
+    p.add_argument("--size", choices=["tiny-cpu", "tiny-cpu-64"], default="tiny-cpu",
+                   help="the crops: tiny-cpu (2 x 32 + 2 x 16) or tiny-cpu-64 (2 x 64 + 2 x 32, for 64-px photos)")
     p.add_argument("--pixels", action="store_true", help="append the raw-pixel kNN baseline of --data to --out")
     p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     p.add_argument("--list", action="store_true", help="print the rows and exit")
@@ -221,7 +224,7 @@ def main():
         return
     args.steps = args.steps or 1000
     if args.one:
-        run_one(args.one[0], int(args.one[1]), args.steps, args.data, args.out, args.curve_every)
+        run_one(args.one[0], int(args.one[1]), args.steps, args.data, args.out, args.curve_every, args.size)
         return
     path = args.data[len("folder:"):] if args.data.startswith("folder:") else args.data
     if not os.path.isdir(os.path.expanduser(path)):
@@ -240,7 +243,7 @@ def main():
             data_name = os.path.basename(os.path.normpath(args.data.split(":", 1)[-1]))
             log = open(os.path.join(logs, f"{data_name}_{row}_seed{seed}_{args.steps}.log"), "w")
             cmd = [sys.executable, os.path.abspath(__file__), "--one", row, str(seed), "--steps", str(args.steps),
-                   "--data", args.data, "--out", args.out, "--curve-every", str(args.curve_every)]
+                   "--data", args.data, "--out", args.out, "--curve-every", str(args.curve_every), "--size", args.size]
             env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), row, seed, log,
                             time.time()))

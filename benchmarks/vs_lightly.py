@@ -57,6 +57,9 @@ SIZES = {
                   "model.img_size=32", "crops.global_size=32", "crops.local_size=16", "crops.n_local=4",
                   "train.batch_size=128"],
     "tiny-cpu": [],  # the recipe's own backbone and crops (tiny-cpu: dim 96, depth 3, patch 8, 2x32 + 2x16, batch 32)
+    # the same network on 64-px photos: crops 2x64 + 2x32 (4x the tokens), blur scaled to the crop as tiny-cpu's is
+    "tiny-cpu-64": ["model.img_size=64", "crops.global_size=64", "crops.local_size=32",
+                    f"crops.blur_sigma_min={round(0.1 * 64 / 224, 4)}", f"crops.blur_sigma_max={round(2.0 * 64 / 224, 4)}"],
 }
 # The same work as Lightly's DINO step: DINO loss only, softmax centre, fp32 as the peer.
 SAME_WORK = ["loss.ibot_weight=0", "loss.koleo_weight=0", "crops.mask_probability=0", "loss.centering=softmax_center",
