@@ -138,11 +138,11 @@ def test_synthetic_shapes_classes_balanced_and_masks_consistent():
 
 def test_synthetic_shapes_silhouettes_identify_the_class():
     """Same pose, different classes: silhouettes differ. Same class, any pose: areas stay in a band."""
-    from dinolite.data.synthetic import _shape_mask
+    from dinolite.data.synthetic import shape_mask
 
     grid = np.linspace(-1.2, 1.2, 96, dtype=np.float32)
     y, x = np.meshgrid(grid, grid, indexing="ij")
-    masks = np.stack([_shape_mask(c, x, y) for c in range(len(SHAPE_CLASSES))]).reshape(len(SHAPE_CLASSES), -1)
+    masks = np.stack([shape_mask(c, x, y) for c in range(len(SHAPE_CLASSES))]).reshape(len(SHAPE_CLASSES), -1)
     differences = (masks[:, None] != masks[None]).mean(-1)
     off_diagonal = differences[~np.eye(len(SHAPE_CLASSES), dtype=bool)]
     assert off_diagonal.min() > 0.02  # every pair of classes differs on > 2% of the canvas
@@ -300,3 +300,66 @@ def test_cifar10_wrapper_reads_a_local_copy(tmp_path, monkeypatch):
     assert len(ds) == 10 and ds.num_classes == 10
     image, label = ds[1]
     assert image.mode == "RGB" and image.size == (32, 32) and label == 7
+
+
+# ----------------------------------------------------------------------------- PhotoMosaics
+
+
+def _solid_and_ramp_photos(mosaics):
+    """Replace the photos by same-sized fakes: photo k has red = its column as a 0..255 ramp, green = 40 k.
+    Bicubic resizing keeps a constant channel constant and a linear ramp between its end values."""
+    fakes = []
+    for k, photo in enumerate(mosaics.photos):
+        height, width = photo.shape[:2]
+        fake = np.zeros((height, width, 3), dtype=np.uint8)
+        fake[..., 0] = np.round(np.arange(width) * 255 / (width - 1)).astype(np.uint8)
+        fake[..., 1] = 40 * k
+        fakes.append(fake)
+    mosaics.photos = fakes
+    return mosaics
+
+
+def test_photo_mosaics_label_every_pixel_with_the_photo_it_shows():
+    from dinolite.data import PHOTO_NAMES, PhotoMosaics
+
+    for split in ("train", "held-out"):
+        mosaics = _solid_and_ramp_photos(PhotoMosaics(40, 48, split, seed=5))
+        assert mosaics.num_classes == len(PHOTO_NAMES) == 6
+        seen = set()
+        for i in range(len(mosaics)):
+            image, label, mask = mosaics[i]
+            green = np.asarray(image)[..., 1].astype(np.int64)
+            assert mask.shape == (48, 48) and mask.dtype == torch.int64
+            assert torch.equal(torch.from_numpy(green), 40 * mask), "a pixel's label is not the photo it came from"
+            values = mask.unique().tolist()
+            assert len(values) == 2 and label in values  # the background photo and a shape from another one
+            assert (mask == label).float().mean() > 0.2  # the shape never covers the whole image
+            seen.update(values)
+        assert seen == set(range(6))
+
+
+def test_photo_mosaics_held_out_crops_come_from_other_columns():
+    """Training crops lie in the left 60% of each photo, held-out crops in the right 40%: the red ramp (the
+    column) stays below 0.6 * 255 for training mosaics and above it for held-out ones (+-2 for rounding)."""
+    from dinolite.data import PhotoMosaics
+
+    red = {split: np.stack([np.asarray(_solid_and_ramp_photos(PhotoMosaics(30, 32, split, seed=1))[i][0])[..., 0]
+                            for i in range(30)]) for split in ("train", "held-out")}
+    assert red["train"].max() <= 0.6 * 255 + 2 and red["held-out"].min() >= 0.6 * 255 - 2
+    assert red["train"].min() <= 20 and red["held-out"].max() >= 235  # the splits reach the photos' edges
+
+
+def test_photo_mosaics_deterministic_and_clear_errors():
+    from dinolite.data import DataError, PhotoMosaics
+
+    a, b = PhotoMosaics(5, 32, "held-out", seed=3), PhotoMosaics(9, 32, "held-out", seed=3)
+    for i in range(5):
+        assert np.array_equal(np.asarray(a[i][0]), np.asarray(b[i][0])) and torch.equal(a[i][2], b[i][2])
+    assert not np.array_equal(np.asarray(a[0][0]), np.asarray(PhotoMosaics(5, 32, "train", seed=3)[0][0]))
+    assert not np.array_equal(np.asarray(a[0][0]), np.asarray(PhotoMosaics(5, 32, "held-out", seed=4)[0][0]))
+    with pytest.raises(DataError, match="split must be one of train, held-out"):
+        PhotoMosaics(5, 32, "test")
+    with pytest.raises(DataError, match="image_size >= 8"):
+        PhotoMosaics(5, 4)
+    with pytest.raises(IndexError):
+        a[5]

@@ -24,6 +24,6 @@ from dinolite.data.datasets import (
     imagenette,
     stl10,
 )
-from dinolite.data.photos import PHOTO_NAMES, load_photo, sample_photos
+from dinolite.data.photos import PHOTO_NAMES, PhotoMosaics, load_photo, sample_photos
 from dinolite.data.spec import DATA_SPEC_FORMS, build_dataset
 from dinolite.data.synthetic import SHAPE_CLASSES, TEXTURE_CLASSES, SyntheticShapes, SyntheticTextures, TextureMosaics

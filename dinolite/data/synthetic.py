@@ -33,7 +33,7 @@ def _star(x, y, points=5, inner=0.42):
     return np.hypot(x, y) <= edge_radius
 
 
-def _shape_mask(label, x, y):
+def shape_mask(label, x, y):
     """Silhouette of class `label` on the shape's own coordinates (about [-1, 1]^2)."""
     r2 = x * x + y * y
     name = SHAPE_CLASSES[label]
@@ -170,7 +170,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
         dx, dy = xx - np.float32(cx), yy - np.float32(cy)
         u = dx * c + dy * s
         v = dy * c - dx * s
-        inside = _shape_mask(label, u, v)
+        inside = shape_mask(label, u, v)
 
         image = np.where(inside[..., None], foreground, background)
         image = (np.clip(image, 0, 1) * np.float32(255) + np.float32(0.5)).astype(np.uint8)
@@ -185,7 +185,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
         theta = rng.uniform(0, 2 * np.pi)
         c, s = np.float32(np.cos(theta) / radius), np.float32(np.sin(theta) / radius)
         dx, dy = xx - np.float32(cx), yy - np.float32(cy)
-        return _shape_mask(label, dx * c + dy * s, dy * c - dx * s)
+        return shape_mask(label, dx * c + dy * s, dy * c - dx * s)
 
     def _generate_plain(self, rng, label):
         """style="plain": a solid-colour shape on a noise-free linear gradient between two colours."""
