@@ -56,7 +56,7 @@ class PhotoMosaics(torch.utils.data.Dataset):
 
     Item i depends only on (seed, split, i): two different photos (background, shape), each cropped to a
     square of 0.2-0.38 of the photo's shorter side and resized to image_size (bicubic); a silhouette of a
-    random SHAPE_CLASSES class (scale 0.45-0.8 of the image, random place and rotation) takes its pixels
+    random SHAPE_CLASSES class (its unit size 0.45-0.8 of the half-width, random place and rotation) takes its pixels
     from the second crop. split="train" crops from the left 60% of every photo and split="held-out" from
     the right 40%, so held-out mosaics show photo regions that no training mosaic contains.
 
