@@ -216,3 +216,19 @@ def test_texture_mosaics_label_every_pixel_with_its_texture():
         assert 0.25 <= inside.float().mean() <= 0.51  # a quarter to half of the image
         assert torch.equal(pixels[~inside], torch.as_tensor(outer)[~inside])
         assert torch.equal(torch.as_tensor(np.asarray(mosaics[i][0])), pixels)  # a function of (seed, i)
+
+
+def test_texture_scores_per_query_results_are_the_accuracies():
+    """per_query=True: which test images each probe got right; their means are the printed accuracies."""
+    from dinolite.train import apply_overrides, get_config
+    from dinolite.train.distill import texture_scores
+    from dinolite.train.meta_arch import build_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone(apply_overrides(get_config("tiny-cpu"), ["model.depth=1"])).eval()
+    s = texture_scores(backbone, n_train=96, n_test=40, dense=False, per_query=True)
+    for probe in ("knn", "linear"):
+        correct = s[f"{probe}_correct"]
+        assert correct.dtype == torch.bool and correct.shape == (40,)
+        assert 100 * correct.float().mean().item() == pytest.approx(s[f"{probe}_top1"], abs=0.01)
+    assert "knn_correct" not in texture_scores(backbone, n_train=96, n_test=40, dense=False)

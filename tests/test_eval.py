@@ -276,3 +276,27 @@ def test_image_to_tensor():
     torch.testing.assert_close(x[:, 5, 5], expected, atol=1e-2, rtol=0)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         image_to_tensor(image, 30, patch_size=14)
+
+
+# ----------------------------------------------------------------------------- paired sign test
+
+
+def test_paired_sign_test_hand_computed_and_against_scipy():
+    from scipy.stats import binomtest
+
+    from dinolite.eval import paired_sign_test
+
+    a = torch.tensor([1, 1, 1, 1, 1, 0, 1, 0], dtype=torch.bool)
+    b = torch.tensor([0, 0, 0, 0, 0, 0, 1, 0], dtype=torch.bool)
+    r = paired_sign_test(a, b)  # 5 queries only a got right, none only b: p = 2 / 2^5
+    assert (r["a_only"], r["b_only"]) == (5, 0) and r["p_value"] == pytest.approx(0.0625)
+    assert r["gap"] == pytest.approx(100 * 5 / 8)
+    assert paired_sign_test(b, b)["p_value"] == 1.0  # no disagreement: no evidence either way
+    assert paired_sign_test(a, b)["p_value"] == paired_sign_test(b, a)["p_value"]  # two-sided
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x, y = torch.rand(300, generator=g) < 0.6, torch.rand(300, generator=g) < 0.5
+        r = paired_sign_test(x, y)
+        assert r["p_value"] == pytest.approx(binomtest(r["a_only"], r["a_only"] + r["b_only"]).pvalue, rel=1e-9)
+    with pytest.raises(ValueError, match="equally long"):
+        paired_sign_test(a, b[:3])

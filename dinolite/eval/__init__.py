@@ -15,9 +15,10 @@ once with the backbone frozen, then a cheap model is fitted on top.
 - patch-similarity agreement: label-free; does cosine similarity of patch features tell which
   patches belong to the same object (ROC AUC over patch pairs)?
 - retrieval: nearest neighbours by cosine similarity; mAP and recall@k.
+- paired sign test: whether one model beats another on the same queries by more than chance.
 
 Everything works from plain tensors; `extract_features` produces them from a model. One module per idea:
-features.py, knn.py, linear.py, dense.py, retrieval.py; the names below are the package's public API.
+features.py, knn.py, linear.py, dense.py, retrieval.py, paired.py; the names below are the package's public API.
 """
 from dinolite.eval.dense import (
     class_balanced_weights,
@@ -35,4 +36,5 @@ from dinolite.eval.dense import (
 from dinolite.eval.features import cls_mean_patch, extract_features, image_to_tensor
 from dinolite.eval.knn import knn_accuracy, knn_classify, knn_vote, search
 from dinolite.eval.linear import LinearProbe, linear_probe
+from dinolite.eval.paired import paired_sign_test
 from dinolite.eval.retrieval import average_precision, retrieval_metrics, retrieve

@@ -324,19 +324,25 @@ def train_distill(cfg: Config, data, output_dir=None, stop_at_step=None, knn_dat
 
 
 def texture_scores(backbone: nn.Module, image_size: int = 32, n_train: int = 1000, n_test: int = 500,
-                   n_dense: tuple[int, int] = (300, 200), seed: int = 100, dense: bool = True) -> dict:
+                   n_dense: tuple[int, int] = (300, 200), seed: int = 100, dense: bool = True,
+                   per_query: bool = False) -> dict:
     """kNN and linear top-1 (%) on [CLS] features of SyntheticTextures, and the dense probe's mIoU (%) on
     TextureMosaics (12 classes, one label per pixel): the instruments of chapter 10 and of the reference teacher.
     Train and test images come from different generator seeds (seed, seed + 100). Deterministic. dense=False
-    skips the dense probe."""
+    skips the dense probe; per_query=True adds knn_correct and linear_correct, bool [n_test]: which test images
+    each probe got right (for dinolite.eval.paired_sign_test)."""
     transform = EvalTransform(None, None)
     train = extract_features(backbone, SyntheticTextures(n_train, image_size, seed=seed, transform=transform),
                              progress=False)
     test = extract_features(backbone, SyntheticTextures(n_test, image_size, seed=seed + 100, transform=transform),
                             progress=False)
-    knn = knn_classify(train["cls"], train["labels"], test["cls"], test["labels"], k=20)["top1"]
-    linear = linear_probe(train["cls"], train["labels"], test["cls"], test["labels"], num_classes=12)["top1"]
-    scores = {"knn_top1": round(float(knn), 2), "linear_top1": round(float(linear), 2)}
+    knn = knn_classify(train["cls"], train["labels"], test["cls"], test["labels"], k=20)
+    linear = linear_probe(train["cls"], train["labels"], test["cls"], test["labels"], num_classes=12)
+    scores = {"knn_top1": round(float(knn["top1"]), 2), "linear_top1": round(float(linear["top1"]), 2)}
+    if per_query:
+        with torch.no_grad():
+            scores["linear_correct"] = linear["probe"](test["cls"]).argmax(-1) == test["labels"]
+        scores["knn_correct"] = knn["predictions"] == test["labels"]
     if not dense:
         return scores
     dense_train, dense_test = (extract_features(backbone, TextureMosaics(n, image_size, seed=s, transform=transform),
