@@ -149,9 +149,10 @@ def test_photo_model_hash_size_fp16_and_strict_load(name):
     pixels = PHOTOS["baselines"]["raw_pixels"]
     for probe in ("knn_top1", "linear_top1"):
         assert entry["trained"][probe] >= entry["init"][probe] + 10 and entry["trained"][probe] > pixels[probe]
-    # the kNN measured from the exported weights is the training run's own (fp16 storage moves it < 0.05)
-    assert entry["trained"]["knn_top1"] == pytest.approx(entry["recorded"]["knn_end"], abs=0.05)
-    assert entry["init"]["knn_top1"] == pytest.approx(entry["recorded"]["knn_init"], abs=0.05)
+    # the kNN measured from the exported weights is the training run's own: fp16 storage flips a query or two of
+    # 3,925 (0.025 points each), and the initialisation rebuilt from the seed is the run's exactly
+    assert entry["trained"]["knn_top1"] == pytest.approx(entry["recorded"]["knn_end"], abs=0.1)
+    assert entry["init"]["knn_top1"] == pytest.approx(entry["recorded"]["knn_init"], abs=0.01)
 
 
 def test_photo_model_dense_probe_remeasures():

