@@ -180,3 +180,22 @@ def test_weights_folder_within_its_limits_and_documented():
     for name in sizes:
         documented = name if not name.startswith("photos32_seed") else "photos32_seed<N>.pth"
         assert f"`{documented}`" in readme, f"{name} is not described in book/weights/README.md"
+
+
+# ----------------------------------------------------------------------------- chapter 10's longer runs
+
+@pytest.mark.parametrize("run", ["distilled", "scratch"])
+def test_distill_curve_end_networks_hash_load_and_curve(run):
+    """book/weights/distill_curve_<run>.pth (make_distill_curves.py): as recorded, fp16, loads strictly; its curve
+    covers the run every 200 steps from initialisation, and its end point is the saved network's (fp16 storage:
+    within a query or two of 500)."""
+    entry = REFERENCE["distill_curves"]["runs"][run]
+    data = (WEIGHTS / entry["file"]).read_bytes()
+    assert len(data) == entry["bytes"] <= 12 * 1024 * 1024
+    assert hashlib.sha256(data).hexdigest() == entry["sha256"], f"{entry['file']} differs from reference.json"
+    state = torch.load(WEIGHTS / entry["file"], map_location="cpu", weights_only=True)
+    assert {v.dtype for v in state.values()} == {torch.float16}
+    hub.load_official(build_backbone(config_from_dict(entry["config"])), state)
+    cfg = config_from_dict(entry["config"])
+    assert [p["step"] for p in entry["curve"]] == list(range(0, cfg.total_steps + 1, 200)) and cfg.total_steps == 2000
+    assert entry["end"]["knn_top1"] == pytest.approx(entry["curve"][-1]["knn_top1"], abs=0.5)
