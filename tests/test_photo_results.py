@@ -13,7 +13,7 @@ from dinolite.train import apply_overrides, get_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-SETS = ("folder:imagenette32", "folder:imagewoof32")
+SETS = ("folder:imagenette32", "folder:imagewoof32", "folder:imagenette64")
 
 
 def load(name: str) -> list:
@@ -47,7 +47,7 @@ def replay(curve: list) -> list:
 def test_below_start_warning_is_silent_on_the_photo_recipe_and_fires_on_a_broken_run():
     runs = load("photos_5016.jsonl")
     healthy = [r for r in runs if r["row"] == "lr0.003" and r["data"] in SETS]
-    assert len(healthy) >= 6  # 3 seeds on each set
+    assert len(healthy) >= 9  # 3 seeds on each set
     for r in healthy:
         assert len(r["curve"]) >= 8 and r["curve"][0][1] == r["knn_init"]
         assert replay(r["curve"]) == [], (r["data"], r["seed"])
@@ -73,6 +73,7 @@ def markdown_tables(text: str) -> list:
 @pytest.mark.parametrize("results, steps, data", [
     ("photos_5016.jsonl", 5016, "folder:imagenette32"),
     ("photos_5016.jsonl", 5016, "folder:imagewoof32"),
+    ("photos_5016.jsonl", 5016, "folder:imagenette64"),
     ("photos_500.jsonl", 500, "folder:imagenette32"),
     ("photos_500.jsonl", 500, "folder:imagewoof32"),
     ("photos_500.jsonl", 1000, "folder:imagenette32"),

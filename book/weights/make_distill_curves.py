@@ -29,8 +29,8 @@ COMMON = ["train.epochs=20", "train.epoch_length=100", "train.checkpoint_every=2
 RUNS = {
     "distilled": ["--config", "tiny-cpu-distill", "--data", DATA, "--output-dir", "runs/distill_curve",
                   "teacher.checkpoint=book/weights/textures_p8_teacher.pth"] + COMMON,
-    "scratch": ["--config", "tiny-cpu", "--data", DATA, "--output-dir", "runs/scratch_curve", "model.embed_dim=64", "model.depth=3",
-                "model.num_heads=2"] + COMMON,
+    "scratch": ["--config", "tiny-cpu", "--data", DATA, "--output-dir", "runs/scratch_curve",
+                "model.embed_dim=64", "model.depth=3", "model.num_heads=2"] + COMMON,
 }
 
 

@@ -18,7 +18,8 @@ def paired_sign_test(correct_a: torch.Tensor, correct_b: torch.Tensor) -> dict:
     """
     a, b = torch.as_tensor(correct_a).bool().flatten(), torch.as_tensor(correct_b).bool().flatten()
     if a.shape != b.shape or a.numel() == 0:
-        raise ValueError(f"need two equally long, non-empty per-query results, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(f"need two equally long, non-empty per-query results, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
     a_only, b_only = int((a & ~b).sum()), int((b & ~a).sum())
     n, k = a_only + b_only, min(a_only, b_only)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n  # P(X <= k), X ~ Binomial(n, 1/2)

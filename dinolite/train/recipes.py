@@ -53,10 +53,10 @@ def _small_photos() -> Config:
     """tiny-cpu for real photographs on a CPU budget: the same network, objective and crops, with a tenth of
     tiny-cpu's base lr (0.003: a peak of 5.3e-4 at batch 32 after the square-root rule, instead of 5.3e-3).
 
-    Found on Imagenette at 32 px and confirmed on Imagewoof (benchmarks/ablate_photos.py; tables and curves in
-    benchmarks/README.md "Real photographs"): 5,016 steps of batch 32, one thread, the teacher's weighted kNN
-    (k 20) on the held-out split, 3 seeds (mean, and the range over seeds), against Lightly 1.6's DINO on the
-    same backbone, crops, images and steps:
+    Found on Imagenette at 32 px and confirmed on Imagewoof and at 64 px (benchmarks/ablate_photos.py; tables
+    and curves in benchmarks/README.md "Real photographs"): 5,016 steps of batch 32, one thread, the teacher's
+    weighted kNN (k 20) on the held-out split, 3 seeds (mean, and the range over seeds), against Lightly 1.6's
+    DINO on the same backbone, crops, images and steps:
 
         set (32 px)   side               kNN init -> end   gain (min..max)        CPU s/step
         Imagenette    small-photos        28.1 -> 40.3      +12.2 (+11.2..+12.8)     0.142
@@ -64,6 +64,12 @@ def _small_photos() -> Config:
         Imagewoof     small-photos        16.3 -> 22.6       +6.3 (+5.8..+7.1)     0.141
         Imagewoof     Lightly 1.6 DINO    16.5 -> 18.5       +2.0 (+0.6..+2.9)     0.146
         raw pixels: Imagenette 36.6, Imagewoof 23.2; chance 10.0
+
+    At 64 px (the same recipe and network on crops of 2 x 64 + 2 x 32 px, ablate_photos --size tiny-cpu-64):
+
+        Imagenette    small-photos        29.4 -> 45.8      +16.4 (+15.5..+17.1)     0.340
+        Imagenette    Lightly 1.6 DINO    29.8 -> 33.0       +3.3 (+2.5..+3.8)     0.337
+        raw pixels 35.0; chance 10.0
 
     With tiny-cpu's lr (0.03) the kNN on photos stalls, and dips, while the lr is high and climbs only as the
     cosine decay brings it down (Imagenette, seed 0: +9.55 against +11.18 for 0.003; base lr 0.001: +10.34).
