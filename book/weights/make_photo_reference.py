@@ -20,6 +20,7 @@ photographs (Imagenette at 32 px, 5,016 steps of batch 32, one thread each), fp1
    hashes and one dense number; chapter 8 re-measures the dense probe on the page.
 """
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -55,6 +56,7 @@ def recorded_run(seed: int) -> dict:
     return lines[-1]
 
 
+@functools.lru_cache(maxsize=None)  # the same mosaics for every model measured: generate them once
 def dense_data(split: str):
     from dinolite.data import EvalTransform, PhotoMosaics
 
