@@ -128,6 +128,15 @@ def test_a_student_that_does_not_fit_the_teacher_is_a_one_line_error(tmp_path, o
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_gram_weight_in_a_distillation_run_is_refused_not_ignored(tmp_path):
+    """Distillation has no Gram term (DINOv3's distillation config: gram.use_loss false): asking for one is an
+    error at config time, not a run that silently trains without it."""
+    with pytest.raises(ValueError) as error:
+        distill_cfg(tmp_path / "teacher.pth", ["gram.weight=1.0"])
+    assert "gram.weight" in str(error.value) and "no Gram term" in str(error.value) and "\n" not in str(error.value)
+    assert distill_cfg(tmp_path / "teacher.pth", ["gram.weight=0"]).gram.weight == 0
+
+
 def test_missing_teacher_or_headless_file_is_a_one_line_error(tmp_path):
     with pytest.raises(CheckpointNotFoundError, match="not found"):
         DistillArch(distill_cfg(tmp_path / "nope.pth"))

@@ -453,6 +453,11 @@ def validate(cfg: Config) -> None:
               f"student {name!r}: every student uses the teacher's patch size (model.patch_size)")
     check(not cfg.teacher.students or cfg.teacher.checkpoint, "teacher.students",
           "extra students need a teacher to distil from: set teacher.checkpoint")
+    # DINOv3's distillation config has gram.use_loss: false, and dinolite.train.distill has no Gram term: refuse
+    # rather than train without the loss asked for.
+    check(not (cfg.teacher.checkpoint and g.weight > 0), "gram.weight",
+          "distillation (teacher.checkpoint) has no Gram term, as officially: set gram.weight=0, or run the Gram "
+          "and high-resolution stages on the teacher's own self-supervised run")
     check(t.precision in ("auto", "bf16", "fp32"), "train.precision",
           f"must be 'auto', 'bf16' or 'fp32', got {t.precision!r}")
     check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device",
