@@ -2,6 +2,7 @@
 strictly (dinolite.hub.load_official and GramTeacher.load), and one recorded metric re-measures."""
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -178,7 +179,7 @@ def test_weights_folder_within_its_limits_and_documented():
     assert max(sizes.values()) <= 12 * 1024 * 1024 and sum(sizes.values()) <= 40 * 1024 * 1024, sizes
     readme = (WEIGHTS / "README.md").read_text()
     for name in sizes:
-        documented = name if not name.startswith("photos32_seed") else "photos32_seed<N>.pth"
+        documented = re.sub(r"seed\d+", "seed<N>", name)
         assert f"`{documented}`" in readme, f"{name} is not described in book/weights/README.md"
 
 
@@ -199,3 +200,59 @@ def test_distill_curve_end_networks_hash_load_and_curve(run):
     cfg = config_from_dict(entry["config"])
     assert [p["step"] for p in entry["curve"]] == list(range(0, cfg.total_steps + 1, 200)) and cfg.total_steps == 2000
     assert entry["end"]["knn_top1"] == pytest.approx(entry["curve"][-1]["knn_top1"], abs=0.5)
+
+
+# ----------------------------------------------------------------------------- chapter 9's photo runs
+
+GRAM_PHOTOS = REFERENCE["gram_photos"]
+
+
+@pytest.mark.parametrize("seed", sorted(GRAM_PHOTOS["seeds"]))
+def test_gram_photo_networks_hash_fp16_load_and_curves(seed):
+    """book/weights/gram_photos_seed<N>_*.pth (make_gram_photos.py): as recorded, fp16, strict loads; the curves
+    cover every epoch of the base run from initialisation and both continued runs; the base run is the photo model
+    of the same seed (its kNN at initialisation and at the end are that run's recorded ones: the same training)."""
+    entry, cfg = GRAM_PHOTOS["seeds"][seed], config_from_dict(GRAM_PHOTOS["config"])
+    for role, weights in entry["weights"].items():
+        data = (WEIGHTS / weights["file"]).read_bytes()
+        assert len(data) == weights["bytes"] <= 12 * 1024 * 1024
+        assert hashlib.sha256(data).hexdigest() == weights["sha256"], f"{weights['file']} differs from reference.json"
+        state = torch.load(WEIGHTS / weights["file"], map_location="cpu", weights_only=True)
+        assert {v.dtype for v in state.values()} == {torch.float16}
+        hub.load_official(build_backbone(cfg), state)
+    epoch, base = cfg.train.epoch_length, GRAM_PHOTOS["base_steps"]
+    assert [p["step"] for p in entry["base"]] == list(range(0, base + 1, epoch))
+    for arm in ("control", "anchored"):
+        assert [p["step"] for p in entry[arm]] == list(range(base + epoch, base + GRAM_PHOTOS["continued_steps"] + 1,
+                                                             epoch))
+        assert entry["weights"][arm]["step"] == base + GRAM_PHOTOS["continued_steps"]
+    assert entry["weights"]["anchor"]["step"] == GRAM_PHOTOS["anchor_step"]
+    photo = PHOTOS["models"][seed]["recorded"]
+    assert entry["base"][0]["knn_top1"] == pytest.approx(photo["knn_init"], abs=0.01)
+    assert entry["base"][-1]["knn_top1"] == pytest.approx(photo["knn_end"], abs=0.01)
+
+
+def test_gram_photo_anchored_network_dense_probe_remeasures():
+    """The first seed's anchored end network: its dense probe re-measures (tolerance as for the photo models)."""
+    import sys
+
+    sys.path.insert(0, str(WEIGHTS))
+    from make_photo_reference import dense_scores, patch_tokens
+
+    entry = GRAM_PHOTOS["seeds"][sorted(GRAM_PHOTOS["seeds"])[0]]
+    backbone = hub.load_official(build_backbone(config_from_dict(GRAM_PHOTOS["config"])),
+                                 torch.load(WEIGHTS / entry["weights"]["anchored"]["file"], weights_only=True)).eval()
+    recorded = entry["anchored"][-1]["dense_miou"]
+    assert dense_scores(patch_tokens(backbone))["miou"] == pytest.approx(recorded, abs=1.5)
+
+
+def test_first_reference_models_record_chance_majority_and_raw_pixels():
+    """measure_baselines.py's fields: chance is 1/12 for shapes and textures (12 classes each, equally frequent),
+    the majority class is within a few queries of it, and each network has a linear probe beside its kNN."""
+    assert REFERENCE["baselines"]["chance_top1"] == REFERENCE["distill_teacher"]["chance_top1"] == round(100 / 12, 2)
+    assert abs(REFERENCE["baselines"]["majority_top1"] - 100 / 12) < 2
+    assert abs(REFERENCE["distill_teacher"]["baselines"]["majority"]["top1"] - 100 / 12) < 2
+    for pixels in (REFERENCE["baselines"]["raw_pixels"], REFERENCE["distill_teacher"]["baselines"]["raw_pixels"]):
+        assert 0 < pixels["knn_top1"] <= 100 and 0 < pixels["linear_top1"] <= 100
+    records = [REFERENCE["random_init"]] + [w["metrics"] for w in REFERENCE["weights"].values()]
+    assert all(0 < r["linear_top1"] <= 100 for r in records)
