@@ -66,13 +66,12 @@ def continue_args(arm: str, seed: int) -> list[str]:
 
 
 def teacher_backbone(cfg, checkpoint_path: str):
+    """The EMA teacher's backbone of a dinolite checkpoint (hub.load_official reads {"teacher": {"backbone.*"}})."""
+    from dinolite import hub
     from dinolite.checkpoint import load_checkpoint
     from dinolite.train.meta_arch import build_backbone
 
-    state = load_checkpoint(checkpoint_path)["teacher"]
-    backbone = build_backbone(cfg)
-    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
-    return backbone.eval()
+    return hub.load_official(build_backbone(cfg), load_checkpoint(checkpoint_path)).eval()
 
 
 def patch_cls_cosine(backbone) -> float:

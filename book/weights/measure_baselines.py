@@ -28,6 +28,12 @@ def classification(train_x, train_y, test_x, test_y, num_classes: int) -> dict:
     return {"knn_top1": round(float(knn), 2), "linear_top1": round(float(linear), 2)}
 
 
+def stacked(data) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images [N, 3, H, W], labels [N] or masks [N, H, W]) of a dataset of (image, label) or (image, label, mask)."""
+    items = [data[i] for i in range(len(data))]
+    return torch.stack([it[0] for it in items]), torch.stack([torch.as_tensor(it[-1]) for it in items])
+
+
 def majority_top1(train_y, test_y) -> float:
     return round(100 * (test_y == torch.bincount(train_y).argmax()).float().mean().item(), 2)
 
@@ -42,8 +48,8 @@ def shapes(reference: dict) -> None:
 
     cfg = config_from_dict(reference["config"])
     train_set, test_set = knn_datasets(build_dataset("builtin:n=10000,size=32"), cfg)
-    images = {name: torch.stack([s[i][0] for i in range(len(s))]) for name, s in (("train", train_set), ("test", test_set))}
-    labels = {name: torch.tensor([int(s[i][1]) for i in range(len(s))]) for name, s in (("train", train_set), ("test", test_set))}
+    (x, y), (xt, yt) = stacked(train_set), stacked(test_set)
+    images, labels = {"train": x, "test": xt}, {"train": y, "test": yt}
     n = SyntheticShapes.num_classes
     pixels = classification(images["train"].flatten(1), labels["train"], images["test"].flatten(1), labels["test"], n)
     reference["baselines"].update(chance_top1=round(100 / n, 2), majority_top1=majority_top1(labels["train"], labels["test"]),
@@ -67,12 +73,6 @@ def textures(reference: dict) -> None:
     from dinolite.eval import dense_probe, majority_baseline, patchify
 
     entry, transform = reference["distill_teacher"], EvalTransform(None, None)
-
-    def stacked(data):
-        items = [data[i] for i in range(len(data))]
-        return torch.stack([it[0] for it in items]), torch.stack([torch.as_tensor(it[-1] if len(it) > 2 else it[1])
-                                                                  for it in items])
-
     x, y = stacked(SyntheticTextures(1000, 32, seed=100, transform=transform))  # texture_scores' sets
     xt, yt = stacked(SyntheticTextures(500, 32, seed=200, transform=transform))
     n = SyntheticTextures.num_classes
